@@ -1,0 +1,1 @@
+"""Fused ops of fastbond, each with `reference`, `chunked` and `triton` backends."""

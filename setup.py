@@ -1,0 +1,36 @@
+"""fastbond: a fast, lean trainer for Best-of-N distillation (BOND / J-BOND).
+
+`kernels/` sits at the top level of the repository but installs as
+`fastbond.kernels`: a bare top-level `kernels` module would shadow the PyPI
+package of that name that transformers probes for.
+"""
+
+from setuptools import setup
+
+setup(
+    name="fastbond",
+    version="0.1.0",
+    description="Best-of-N distillation (BOND, J-BOND) with fused Triton kernels and DeepSpeed ZeRO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastbond", "fastbond.kernels"],
+    package_dir={"fastbond": "fastbond", "fastbond.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        # Triton ships wheels for Linux x86-64 and aarch64 only; elsewhere the
+        # chunked PyTorch backends run.
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["fastbond = fastbond.cli:main"]},
+)

@@ -1,0 +1,25 @@
+"""Test-wide set-up.
+
+Without a GPU, Triton kernels run through Triton's interpreter: the variable
+must be set before triton is first imported, hence here, at collection start.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: longer than a few seconds on 2 CPU cores")
