@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastbond", "fastbond.kernels"],
     package_dir={"fastbond": "fastbond", "fastbond.kernels": "kernels"},
+    package_data={"fastbond": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.46",

@@ -1,0 +1,131 @@
+"""The `fastbond` command line.
+
+Subcommands import their modules lazily so `fastbond --help` is instant and
+a missing optional dependency only matters for the command that needs it.
+A `FastbondError` (a user's mistake) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastbond import __version__
+from fastbond.errors import FastbondError
+
+
+def _run_lab(argv: list[str]) -> int:
+    from fastbond import lab_experiments
+
+    return lab_experiments.main(argv) or 0
+
+
+TRAIN_EPILOG = """\
+examples:
+  fastbond train                                  # the embedded default: a tiny LM, built locally, ~minutes on CPU
+  fastbond train examples/gemma-2b-jbond.yaml     # a real run
+  fastbond train run.yaml algorithm.beta=0.5 anchor.eta=0.05 optim.lr=3e-6
+  fastbond train run.yaml checkpoint.resume=true  # continue from the run directory's latest checkpoint
+
+config sections: model, reward, data, algorithm, optim, rollout, anchor, logging, checkpoint, evaluation
+(see fastbond/config.py or the README for every key and its default)
+"""
+
+
+def _config_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", nargs="?", help="YAML config file (omit for the embedded default)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-6")
+    return parser
+
+
+def _split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # argparse can't tell "CONFIG key=value" from "key=value key=value": a first
+    # positional holding '=' is an override, not a file.
+    if args.config is not None and "=" in args.config:
+        return None, [args.config] + args.overrides
+    return args.config, args.overrides
+
+
+def _run_train(argv: list[str]) -> int:
+    parser = _config_parser(
+        "fastbond train",
+        "Train a policy to be its own Best-of-N (J-BOND by default). With no config, trains the "
+        "embedded default: a tiny causal LM, tokenizer, prompts and reward all built locally.",
+        TRAIN_EPILOG,
+    )
+    args = parser.parse_args(argv)
+    from fastbond.config import load_config
+    from fastbond.presets import embedded_preset
+    from fastbond.trainer import train
+
+    path, overrides = _split_config_args(args)
+    if path is None:
+        path = embedded_preset()
+    train(load_config(path, overrides))
+    return 0
+
+
+def _run_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastbond eval",
+        description="Judge a trained policy on held-out prompts: its reward at one sample, Best-of-N "
+        "sampling from π_ref (N = 1..16) with the KL bound log N − (N−1)/N, KL(π‖π_ref) and the win rate.",
+    )
+    parser.add_argument("run_dir", help="a run directory written by `fastbond train` (config.yaml + policy/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. evaluation.max_prompts=512 data.eval_prompts=held_out.jsonl")
+    parser.add_argument("--policy", help="policy directory to judge (default: RUN_DIR/policy)")
+    args = parser.parse_args(argv)
+    from fastbond.trainer import evaluate_run
+
+    evaluate_run(args.run_dir, args.overrides, args.policy)
+    return 0
+
+
+# name → (one-line help, runner taking the remaining argv)
+COMMANDS = {
+    "train": ("train a policy (J-BOND, BOND-N, iterative BOND, vBoN, BoNBoN, REINFORCE)", _run_train),
+    "eval": ("judge a policy against Best-of-N sampling from π_ref", _run_eval),
+    "lab": (
+        "exact Best-of-N lab: verify the theory and reproduce the BOND paper's figures 2 and 4",
+        _run_lab,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastbond",
+        description="Best-of-N distillation (BOND, J-BOND) with fused kernels.",
+        epilog="Run `fastbond COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastbond {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (summary, _) in COMMANDS.items():
+        # add_help=False: the command's own parser answers `--help`.
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    _, runner = COMMANDS[argv[0]]
+    try:
+        return runner(argv[1:])
+    except FastbondError as error:
+        print(f"fastbond {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastbond {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

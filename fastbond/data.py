@@ -1,0 +1,83 @@
+"""Prompt files and the deterministic, resumable order in which a run reads them.
+
+A prompt file is either `.jsonl` (one JSON object a line with a "prompt"
+string) or plain text (one prompt a line). Blank lines are skipped; anything
+else malformed is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from fastbond.errors import FastbondError
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FastbondError(f"prompt file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                prompts.append(_parse_jsonl_line(path, number, line))
+            else:
+                prompts.append(line.rstrip("\n"))
+    if not prompts:
+        raise FastbondError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _parse_jsonl_line(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise FastbondError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise FastbondError(f"{path} line {number}: expected an object with a \"prompt\" key")
+    prompt = record["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise FastbondError(f"{path} line {number}: \"prompt\" must be a non-empty string")
+    return prompt
+
+
+class PromptStream:
+    """Batches of prompts, reshuffled each epoch from (seed, epoch) alone, so the
+    position (epoch, offset) is all a checkpoint needs to continue exactly."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+        # A prompt set smaller than a batch is fine: a batch then spans epochs.
+        self.prompts = prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.offset = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[str]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.offset == len(self._order):
+                self.epoch += 1
+                self.offset = 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.prompts[self._order[self.offset]])
+            self.offset += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])
+        self._order = self._shuffled(self.epoch)
