@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class RewardConfig:
     kind: str = "builtin"  # builtin | callable | model
-    name: str = "sorted_digits"  # scorer name | "module:function" | reward-model directory
+    name: str = "sentiment"  # scorer name | "module:function" | reward-model directory
     batch_size: int = 64
 
 
@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/fastbond"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (tiny models run best on 1)
     on_nonfinite: str = "skip"  # skip the step and count it, or stop the run
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -326,6 +327,7 @@ def validate(config: TrainConfig) -> None:
     _positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     _positive("reward.batch_size", config.reward.batch_size)
     _positive("steps", config.steps)
+    _require(config.cpu_threads >= 0, f"config key 'cpu_threads' must be >= 0, got {config.cpu_threads}")
     _positive("logging.every", config.logging.every)
     _require(config.checkpoint.every >= 0, "config key 'checkpoint.every' must be >= 0")
     _positive("checkpoint.keep", config.checkpoint.keep)

@@ -1,0 +1,32 @@
+"""Fixtures of tests/fastbond: the embedded reference model, built once per session.
+
+Every test here sees FASTBOND_CACHE pointing into pytest's temporary directory,
+so no test ever writes to (or reuses) the user's ~/.cache/fastbond.
+"""
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastbond_cache(tmp_path_factory):
+    """A session-wide cache root for embedded builds, set as $FASTBOND_CACHE."""
+    root = tmp_path_factory.mktemp("fastbond-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTBOND_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def embedded_reference(fastbond_cache):
+    """Directory of the embedded π_ref (seed 0), built once for the whole session."""
+    from fastbond.embedded import build_embedded_reference
+
+    return build_embedded_reference()
+
+
+@pytest.fixture(scope="session")
+def reference(embedded_reference):
+    """(model, tokenizer) of the embedded π_ref, loaded through from_pretrained."""
+    from fastbond.embedded import load_reference
+
+    return load_reference(embedded_reference)
