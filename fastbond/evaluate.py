@@ -1,0 +1,112 @@
+"""Judging a policy against Best-of-N sampling from π_ref (SPEC §6-§7).
+
+On held-out prompts: the policy's mean reward at one sample, the mean reward of
+Best-of-N sampling from π_ref for N = 1, 2, 4, 8, 16 (with the KL bound
+log N − (N−1)/N of each), KL(π ‖ π_ref), and the win rate of π over π_ref.
+
+Best-of-N rewards are estimated without bias from m ≥ N reference samples per
+prompt: with rewards sorted ascending r_(1) ≤ … ≤ r_(m), the expected maximum
+of N draws without replacement is Σ_i r_(i) · C(i−1, N−1) / C(m, N); since the
+samples are i.i.d. this is an unbiased estimate of E[max of N] = E_{BoN_N}[r].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastbond.bon import bon_kl_bound
+from fastbond.logprobs import response_logprobs
+from fastbond.rollout import encode_prompts, sample
+
+BON_SIZES = (1, 2, 4, 8, 16)
+
+
+def expected_max_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """[B] unbiased estimate of E[max of n draws] from [B, m] i.i.d. rewards, m ≥ n."""
+    m = rewards.shape[-1]
+    if n > m:
+        raise ValueError(f"need at least {n} samples per prompt to estimate Best-of-{n}, got {m}")
+    ordered, _ = torch.sort(rewards.double(), dim=-1)
+    ranks = torch.arange(1, m + 1, dtype=torch.float64, device=rewards.device)
+    weights = torch.tensor([math.comb(int(i) - 1, n - 1) for i in ranks], dtype=torch.float64, device=rewards.device)
+    return (ordered * weights).sum(-1) / math.comb(m, n)
+
+
+def _batches(items: list[str], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer,
+    reward_fn,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float = 1.0,
+    policy_samples: int = 4,
+    reference_samples: int = 16,
+    batch_size: int = 64,
+    backend: str = "auto",
+) -> dict:
+    """Metrics of `policy` against BoN sampling of `reference` on `prompts`."""
+    device = next(policy.parameters()).device
+    policy_rewards, ref_rewards, kls = [], [], []
+    for chunk in _batches(prompts, batch_size):
+        ids, mask = encode_prompts(tokenizer, chunk, max_prompt_tokens, device)
+        # policy: several single samples per prompt, each judged alone
+        ids_p, mask_p = ids.repeat_interleave(policy_samples, 0), mask.repeat_interleave(policy_samples, 0)
+        texts_p = [p for p in chunk for _ in range(policy_samples)]
+        drawn = sample(policy, tokenizer, ids_p, mask_p, max_new_tokens, temperature)
+        policy_rewards.append(reward_fn(texts_p, drawn.texts).view(len(chunk), policy_samples).cpu())
+        mask_r = drawn.response_mask
+        ell = (response_logprobs(policy, drawn, temperature, backend) * mask_r).sum(-1)
+        ref = (response_logprobs(reference, drawn, temperature, backend) * mask_r).sum(-1)
+        kls.append((ell - ref).cpu())
+        # reference: m samples per prompt for the Best-of-N estimates
+        ids_r, mask_r2 = ids.repeat_interleave(reference_samples, 0), mask.repeat_interleave(reference_samples, 0)
+        texts_r = [p for p in chunk for _ in range(reference_samples)]
+        ref_drawn = sample(reference, tokenizer, ids_r, mask_r2, max_new_tokens, temperature)
+        ref_rewards.append(reward_fn(texts_r, ref_drawn.texts).view(len(chunk), reference_samples).cpu())
+
+    policy_r = torch.cat(policy_rewards).double()  # [P, s]
+    ref_r = torch.cat(ref_rewards).double()  # [P, m]
+    # Win rate: every policy sample against every reference sample of its prompt, ties count half.
+    diff = policy_r.unsqueeze(-1) - ref_r.unsqueeze(-2)
+    win_rate = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean()
+    result = {
+        "prompts": len(prompts),
+        "policy_reward": float(policy_r.mean()),
+        "policy_reward_stderr": float(policy_r.mean(-1).std() / math.sqrt(policy_r.shape[0])),
+        "kl_policy_ref": float(torch.cat(kls).mean()),
+        "win_rate_vs_ref": float(win_rate),
+        "bon": {},
+    }
+    for n in BON_SIZES:
+        if n <= reference_samples:
+            result["bon"][str(n)] = {
+                "reward": float(expected_max_of_n(ref_r, n).mean()),
+                "kl_bound": bon_kl_bound(n),
+            }
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    """A small table for the terminal and the README."""
+    lines = [
+        f"prompts: {result['prompts']}",
+        f"policy (1 sample):  reward {result['policy_reward']:.3f} ± {result['policy_reward_stderr']:.3f}   "
+        f"KL(π‖π_ref) {result['kl_policy_ref']:.3f} nats   win rate vs π_ref {result['win_rate_vs_ref']:.3f}",
+        "Best-of-N of π_ref:",
+        "  N    reward    KL bound (nats)",
+    ]
+    for n, row in result["bon"].items():
+        lines.append(f"  {n:<4} {row['reward']:8.3f}  {row['kl_bound']:8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Where a run's metrics go: `metrics.jsonl` always, TensorBoard and wandb when asked."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from fastbond.errors import FastbondError
+
+
+def to_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean())
+    return float(value)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, config_dict: dict, tensorboard: bool, wandb: bool, wandb_project: str,
+                 resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._tb = None
+        self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise FastbondError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise FastbondError("logging.wandb=true needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb_module.init(project=wandb_project, config=config_dict, dir=str(run_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint: they will be written again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict) -> dict:
+        record = {"step": step}
+        for key, value in metrics.items():
+            number = to_float(value)
+            record[key] = number if math.isfinite(number) else None
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        return record
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

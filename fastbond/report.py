@@ -1,0 +1,62 @@
+"""The PNG report of a run: reward and KL over steps, and the reward/KL front
+of the policy beside the Best-of-N points of π_ref."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def write_report(records: list[dict], evaluation: dict | None, path: Path, title: str = "fastbond run") -> Path:
+    figure, (ax_reward, ax_kl, ax_front) = plt.subplots(1, 3, figsize=(15, 4.2))
+    steps, reward = _series(records, "reward")
+    ax_reward.plot(steps, reward, label="policy sample", lw=1.2)
+    anchor_steps, anchor_reward = _series(records, "anchor_reward")
+    if anchor_steps:
+        ax_reward.plot(anchor_steps, anchor_reward, label="anchor samples", lw=1.0, alpha=0.7)
+    if evaluation:
+        for n, row in evaluation["bon"].items():
+            if n in ("1", "4"):
+                ax_reward.axhline(row["reward"], ls="--", lw=0.8, color="gray")
+                ax_reward.text(0, row["reward"], f" BoN-{n} of π_ref", va="bottom", fontsize=8, color="gray")
+    ax_reward.set(xlabel="step", ylabel="mean reward (train prompts)", title="reward")
+    ax_reward.legend(fontsize=8)
+
+    for key, label in (("kl_ref", "KL(π‖π_ref)"), ("kl_anchor", "KL(π‖π_anc)")):
+        s, v = _series(records, key)
+        if s:
+            ax_kl.plot(s, v, label=label, lw=1.2)
+    ax_kl.set(xlabel="step", ylabel="nats", title="KL (sequence-level estimates)")
+    ax_kl.legend(fontsize=8)
+
+    if evaluation:
+        bon = evaluation["bon"]
+        ax_front.plot([row["kl_bound"] for row in bon.values()], [row["reward"] for row in bon.values()],
+                      "o--", color="gray", label="Best-of-N of π_ref (KL bound)")
+        for n, row in bon.items():
+            ax_front.annotate(f"N={n}", (row["kl_bound"], row["reward"]), fontsize=8,
+                              textcoords="offset points", xytext=(4, -10))
+        ax_front.plot([evaluation["kl_policy_ref"]], [evaluation["policy_reward"]], "*", ms=14, color="C3",
+                      label="trained policy, 1 sample")
+    kl_steps, kl_values = _series(records, "kl_ref")
+    _, rewards_at = _series(records, "reward")
+    if kl_steps and len(rewards_at) == len(kl_values):
+        ax_front.plot(kl_values, rewards_at, lw=0.6, alpha=0.4, color="C0", label="training trajectory")
+    ax_front.set(xlabel="KL(π‖π_ref) (nats)", ylabel="mean reward", title="reward vs KL")
+    ax_front.legend(fontsize=8)
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
