@@ -19,6 +19,7 @@ Kinds (config `reward.kind` / `reward.name`):
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import os
@@ -194,6 +195,24 @@ def _load_callable(spec: str) -> RewardFunction:
     return RewardFunction(fn, f"reward function {spec}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _check_vocabulary(path: str, tokenizer, model, borrowed: bool) -> None:
+    """Every id the tokenizer can emit must have an embedding row in the reward
+    model; otherwise scores are garbage (or an index error deep inside)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        whose = "the policy's tokenizer (the reward model has none of its own)" if borrowed else "its tokenizer"
+        raise FastbondError(
+            f"policy/reward tokenizer mismatch: reward model {path} embeds {rows} tokens but {whose} has {len(tokenizer)}"
+        )
+
+
 class _ModelScorer:
     """Scores with a sequence-classification reward model: logits[:, 0], batched, no grad.
 
@@ -202,18 +221,28 @@ class _ModelScorer:
     """
 
     def __init__(
-        self, path: str, batch_size: int, device: str | torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+        self,
+        path: str,
+        batch_size: int,
+        device: str | torch.device,
+        dtype: torch.dtype | None,
+        trust_remote_code: bool,
+        policy_tokenizer=None,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         kwargs = {"trust_remote_code": trust_remote_code}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if _has_tokenizer(path) or policy_tokenizer is None:
+                self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            else:  # a reward head trained on the policy's own tokenizer
+                self.tokenizer = copy.deepcopy(policy_tokenizer)
             if dtype is not None:
                 kwargs["dtype"] = dtype
             self.model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError) as error:
             raise FastbondError(f"reward model {path} could not be loaded: {_first_line(error)}") from None
+        _check_vocabulary(path, self.tokenizer, self.model, borrowed=not _has_tokenizer(path))
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise FastbondError(f"reward model {path}: its tokenizer has neither a pad nor an eos token")
@@ -255,11 +284,12 @@ class _ModelScorer:
 
 
 def _load_model(
-    path: str, batch_size: int, device: str | torch.device, dtype: torch.dtype | None, trust_remote_code: bool
+    path: str, batch_size: int, device: str | torch.device, dtype: torch.dtype | None, trust_remote_code: bool,
+    policy_tokenizer=None,
 ) -> RewardFunction:
     if not Path(path).is_dir():
         raise FastbondError(f"reward model directory not found: {path}")
-    scorer = _ModelScorer(path, batch_size, device, dtype, trust_remote_code)
+    scorer = _ModelScorer(path, batch_size, device, dtype, trust_remote_code, policy_tokenizer)
     return RewardFunction(scorer, f"reward model {path}")
 
 
@@ -271,16 +301,19 @@ def load_reward(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    policy_tokenizer=None,
 ) -> RewardFunction:
     """The reward of config `reward.kind` / `reward.name` as a `RewardFunction`.
 
-    `batch_size`, `device`, `dtype` and `trust_remote_code` only matter for
-    kind "model"; remote code stays off unless the user turns it on.
+    `batch_size`, `device`, `dtype`, `trust_remote_code` and `policy_tokenizer`
+    only matter for kind "model"; remote code stays off unless the user turns
+    it on. A reward model directory without a tokenizer borrows the policy's,
+    if every policy token id has an embedding row in the reward model.
     """
     if kind == "builtin":
         return _load_builtin(name)
     if kind == "callable":
         return _load_callable(name)
     if kind == "model":
-        return _load_model(name, batch_size, device, dtype, trust_remote_code)
+        return _load_model(name, batch_size, device, dtype, trust_remote_code, policy_tokenizer)
     raise FastbondError(f"reward kind must be one of builtin, callable, model; got '{kind}'")

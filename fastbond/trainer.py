@@ -141,7 +141,8 @@ def load_models(config: TrainConfig, device: torch.device, policy_path: str | Pa
         policy.gradient_checkpointing_enable()
     reference = load_causal_lm(reference_source, dtype, device, attn, remote).eval().requires_grad_(False)
     reward_fn = load_reward(config.reward.kind, config.reward.name, device=device, dtype=dtype,
-                            batch_size=config.reward.batch_size, trust_remote_code=remote)
+                            batch_size=config.reward.batch_size, trust_remote_code=remote,
+                            policy_tokenizer=tokenizer)
     return tokenizer, policy, reference, reward_fn
 
 
