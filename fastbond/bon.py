@@ -206,5 +206,9 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Terms with p = 0 contribute 0; a p > 0 where q = 0 gives +inf.
     """
-    ratio = torch.where(p > 0, torch.log(p) - torch.log(q), torch.zeros_like(p))
-    return torch.where(p > 0, p * ratio, torch.zeros_like(p)).sum(-1)
+    # Substituting 1 where p = 0 keeps both the value and the gradient finite
+    # there (a bare where() would back-propagate 0 · log 0 = NaN).
+    support = p > 0
+    safe_p = torch.where(support, p, torch.ones_like(p))
+    safe_q = torch.where(support, q, torch.ones_like(q))
+    return torch.where(support, p * (torch.log(safe_p) - torch.log(safe_q)), torch.zeros_like(p)).sum(-1)
