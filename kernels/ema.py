@@ -52,6 +52,8 @@ from fastbond.kernels._backend import resolve_backend
 try:  # the module must import where triton is absent (macOS, Windows CI)
     import triton
     import triton.language as tl
+
+    from fastbond.kernels._triton_common import cast_rtne
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
@@ -255,19 +257,6 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
-    def _cast_rtne(x, DTYPE: tl.constexpr):
-        """fp32 → DTYPE rounding to nearest even. bf16 by hand: GPUs round, but Triton's CPU
-        interpreter truncates; spelling it out gives the same bits on both (and equals torch's .to)."""
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-            out = tl.where(x != x, x, rounded).to(tl.bfloat16)  # a NaN must not carry into the sign bit
-        else:
-            out = x.to(DTYPE)
-        return out
-
-    @triton.jit
     def _ema_block(
         anchor_ptr,   # *ANCHOR_DTYPE  start of this tensor
         policy_ptr,   # *POLICY_DTYPE
@@ -305,7 +294,7 @@ if triton is not None:
         else:
             new_anchor = out  # fp32 state
         if HAS_SHADOW:
-            new_shadow = _cast_rtne(out, SHADOW_DTYPE)
+            new_shadow = cast_rtne(out, SHADOW_DTYPE)
         if MASKED:
             tl.store(anchor_ptr + offs, new_anchor, mask=mask)
             if HAS_SHADOW:

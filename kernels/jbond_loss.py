@@ -78,6 +78,8 @@ from fastbond.losses import leave_one_out_baseline, sequence_logps
 try:  # the module must import where triton is absent
     import triton
     import triton.language as tl
+
+    from fastbond.kernels._triton_common import cast_rtne
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
@@ -344,19 +346,6 @@ if triton is not None:
             tl.store(metrics_ptr + 7, tl.sum(acc_l, axis=0) / n)
             tl.store(metrics_ptr + 8, tl.sum(acc_l2, axis=0) / n)
 
-    @triton.jit
-    def _cast_rtne(x, DTYPE: tl.constexpr):
-        """fp32 → DTYPE rounding to nearest even. bf16 by hand: GPUs round, but Triton's CPU
-        interpreter truncates; spelling it out gives the same bits on both (and equals torch's .to)."""
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-            out = tl.where(x != x, x, rounded).to(tl.bfloat16)  # a NaN must not carry into the sign bit
-        else:
-            out = x.to(DTYPE)
-        return out
-
     @triton.jit(do_not_specialize=["B"])
     def _jbond_bwd_kernel(
         grad_loss_ptr,       # []      upstream gradient of the loss (read on device: no host sync)
@@ -386,12 +375,12 @@ if triton is not None:
             per_row = (grad_row * beta) * neg_adv + (grad_row * gamma) * log_ratio
             keep = tl.load(policy_mask_ptr + row * stride_pm + cols, mask=inside, other=0) != 0
             grad = tl.where(keep, per_row, 0.0)
-            tl.store(grad_policy_ptr + row * T + cols, _cast_rtne(grad, POLICY_DTYPE), mask=inside)
+            tl.store(grad_policy_ptr + row * T + cols, cast_rtne(grad, POLICY_DTYPE), mask=inside)
         if BEST_GRAD:
             inside = cols < T2
             keep = tl.load(best_mask_ptr + row * stride_bm + cols, mask=inside, other=0) != 0
             grad = tl.where(keep, -(grad_row * one_minus_beta), 0.0)
-            tl.store(grad_best_ptr + row * T2 + cols, _cast_rtne(grad, BEST_DTYPE), mask=inside)
+            tl.store(grad_best_ptr + row * T2 + cols, cast_rtne(grad, BEST_DTYPE), mask=inside)
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
