@@ -140,3 +140,34 @@ def test_resume_after_a_save_killed_midway(tmp_path, embedded_reference, monkeyp
     expected, got = policy_weights(straight), policy_weights(resumed)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_eval_command_judges_a_trained_run(tmp_path, embedded_reference):
+    from fastbond.cli import main
+
+    run_dir = train(tiny_config(tmp_path, "algorithm.name=jbond"))
+    code = main(["eval", str(run_dir), "evaluation.max_prompts=4", "evaluation.reference_samples=16",
+                 "evaluation.policy_samples=2"])
+    assert code == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["prompts"] == 4
+    assert list(result["bon"]) == ["1", "2", "4", "8", "16"]
+    rewards = [result["bon"][n]["reward"] for n in result["bon"]]
+    assert rewards == sorted(rewards), "E[max of N] cannot decrease with N"
+    assert result["bon"]["4"]["kl_bound"] == pytest.approx(0.6362943611198906)
+    assert 0.0 <= result["win_rate_vs_ref"] <= 1.0
+
+
+def test_example_gemma_config_is_valid(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "gemma-2b-jbond.yaml"
+    for name in ("sft", "rm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    config = load_config(example, [f"model.policy={tmp_path / 'sft'}", f"reward.name={tmp_path / 'rm'}",
+                                   f"data.prompts={prompts}", f"data.eval_prompts={prompts}"])
+    assert config.algorithm.name == "jbond" and config.optim.lr == 3e-6 and config.anchor.eta == 0.02
+    assert config.model.dtype == "bfloat16" and config.rollout.batch_size == 128
