@@ -59,12 +59,16 @@ def _run_train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from fastbond.config import load_config
     from fastbond.presets import embedded_preset
-    from fastbond.trainer import train
 
     path, overrides = _split_config_args(args)
     if path is None:
         path = embedded_preset()
-    train(load_config(path, overrides))
+    config = load_config(path, overrides)
+    # Imported only once the config is valid: a mistake in it is reported
+    # at once, without waiting for torch and transformers to import.
+    from fastbond.trainer import train
+
+    train(config)
     return 0
 
 

@@ -13,6 +13,7 @@ key, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -241,7 +242,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FastbondError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FastbondError(f"config file {path} is not valid UTF-8 text") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -301,6 +306,15 @@ def _existing_path(key: str, value: str) -> None:
         _require(Path(value).exists(), f"config key '{key}': path not found: {value}")
 
 
+def _model_directory(key: str, value: str) -> None:
+    _existing_path(key, value)
+    if value != EMBEDDED:
+        _require(
+            (Path(value) / "config.json").is_file(),
+            f"config key '{key}': {value} is not a transformers model directory (no config.json)",
+        )
+
+
 def validate(config: TrainConfig) -> None:
     """Range and consistency checks; raises FastbondError naming the key."""
     algo = config.algorithm
@@ -315,6 +329,7 @@ def validate(config: TrainConfig) -> None:
     _in_unit_interval("anchor.eta", config.anchor.eta)
 
     _positive("optim.lr", config.optim.lr)
+    _require(math.isfinite(config.optim.lr), f"config key 'optim.lr' must be finite, got {config.optim.lr}")
     _require(config.optim.weight_decay >= 0, "config key 'optim.weight_decay' must be >= 0")
     for i, b in enumerate(config.optim.betas):
         _require(0.0 <= b < 1.0, f"config key 'optim.betas[{i}]' must lie in [0, 1), got {b}")
@@ -342,9 +357,9 @@ def validate(config: TrainConfig) -> None:
         config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
         f"config key 'device' must be auto, cpu or cuda[:N], got '{config.device}'",
     )
-    _existing_path("model.policy", config.model.policy)
+    _model_directory("model.policy", config.model.policy)
     if config.model.reference is not None:
-        _existing_path("model.reference", config.model.reference)
+        _model_directory("model.reference", config.model.reference)
     _existing_path("data.prompts", config.data.prompts)
     _existing_path("data.eval_prompts", config.data.eval_prompts)
     if config.reward.kind == "model":

@@ -16,20 +16,32 @@ from fastbond.errors import FastbondError
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise FastbondError(f"prompt file {path} is a directory, not a file")
     if not path.is_file():
         raise FastbondError(f"prompt file not found: {path}")
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode_line(path, number, raw)
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
                 prompts.append(_parse_jsonl_line(path, number, line))
             else:
-                prompts.append(line.rstrip("\n"))
+                prompts.append(line.rstrip("\r\n"))
     if not prompts:
         raise FastbondError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+def _decode_line(path: Path, number: int, raw: bytes) -> str:
+    # Decoded line by line, so a file that is not UTF-8 is an error naming the line.
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        bad = error.object[error.start]
+        raise FastbondError(f"{path} line {number}: not valid UTF-8 (byte {bad:#04x})") from None
 
 
 def _parse_jsonl_line(path: Path, number: int, line: str) -> str:

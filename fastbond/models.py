@@ -33,10 +33,20 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def check_model_directory(path: str | Path) -> None:
+    """A local path must be a transformers checkpoint directory (one with a config.json)."""
+    local = Path(path)
+    if local.is_file():
+        raise FastbondError(f"{path} is a file; expected a transformers model directory (with config.json)")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FastbondError(f"{path} is not a transformers model directory (no config.json)")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The policy's tokenizer, left-padded for batched generation, with a pad token."""
     from transformers import AutoTokenizer
 
+    check_model_directory(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -59,6 +69,7 @@ def load_causal_lm(
     """`AutoModelForCausalLM.from_pretrained` with one-line errors for a bad path."""
     from transformers import AutoModelForCausalLM
 
+    check_model_directory(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),

@@ -16,6 +16,11 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a run of skipped steps has nothing to label
+        ax.legend(fontsize=8)
+
+
 def write_report(records: list[dict], evaluation: dict | None, path: Path, title: str = "fastbond run") -> Path:
     figure, (ax_reward, ax_kl, ax_front) = plt.subplots(1, 3, figsize=(15, 4.2))
     steps, reward = _series(records, "reward")
@@ -29,14 +34,14 @@ def write_report(records: list[dict], evaluation: dict | None, path: Path, title
                 ax_reward.axhline(row["reward"], ls="--", lw=0.8, color="gray")
                 ax_reward.text(0, row["reward"], f" BoN-{n} of π_ref", va="bottom", fontsize=8, color="gray")
     ax_reward.set(xlabel="step", ylabel="mean reward (train prompts)", title="reward")
-    ax_reward.legend(fontsize=8)
+    _legend(ax_reward)
 
     for key, label in (("kl_ref", "KL(π‖π_ref)"), ("kl_anchor", "KL(π‖π_anc)")):
         s, v = _series(records, key)
         if s:
             ax_kl.plot(s, v, label=label, lw=1.2)
     ax_kl.set(xlabel="step", ylabel="nats", title="KL (sequence-level estimates)")
-    ax_kl.legend(fontsize=8)
+    _legend(ax_kl)
 
     if evaluation:
         bon = evaluation["bon"]
@@ -52,7 +57,7 @@ def write_report(records: list[dict], evaluation: dict | None, path: Path, title
     if kl_steps and len(rewards_at) == len(kl_values):
         ax_front.plot(kl_values, rewards_at, lw=0.6, alpha=0.4, color="C0", label="training trajectory")
     ax_front.set(xlabel="KL(π‖π_ref) (nats)", ylabel="mean reward", title="reward vs KL")
-    ax_front.legend(fontsize=8)
+    _legend(ax_front)
 
     figure.suptitle(title)
     figure.tight_layout()

@@ -250,6 +250,11 @@ def _skip(run: Run, metrics: dict, why: str) -> dict:
     return metrics
 
 
+def _fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for the progress bar; a skipped step's metrics are None (NaN)."""
+    return "nan" if value is None else f"{value:.{digits}f}"
+
+
 def _progress(run: Run, total: int):
     if not run.config.logging.progress:
         return None
@@ -278,8 +283,8 @@ def train(config: TrainConfig) -> Path:
             if run.step % config.logging.every == 0 or run.step == config.steps:
                 record = log.write(run.step, metrics)
                 if bar is not None:
-                    bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{to_float(metrics.get('kl_ref', 0)):.3f}",
-                                    samples_s=f"{record['samples_per_s']:.1f}")
+                    bar.set_postfix(reward=_fmt(record["reward"]), kl=_fmt(record.get("kl_ref")),
+                                    samples_s=_fmt(record["samples_per_s"], 1))
             if bar is not None:
                 bar.update(1)
             every = config.checkpoint.every

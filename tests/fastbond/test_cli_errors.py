@@ -1,0 +1,266 @@
+"""Every mistake a user can make with `fastbond train` is one line on stderr and exit status 2.
+
+Each case runs the real command line in-process (`fastbond.cli.main`) and checks
+that stderr holds exactly one line, "fastbond train: error: ...", naming the
+key, file, line or scorer at fault, and no traceback. Cases that get past the
+config load the embedded π_ref (built once per session by conftest) and stop at
+set-up or in the first rollout, so each takes well under a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastbond.cli import main
+
+_module_names = (f"fastbond_cli_rewards_{i}" for i in itertools.count())
+
+
+def tiny(tmp_path) -> list[str]:
+    """Overrides keeping any run that gets that far to a couple of seconds on 2 cores."""
+    return [
+        "steps=2",
+        "rollout.batch_size=4",
+        "rollout.max_new_tokens=8",
+        "evaluation.at_end=false",
+        "logging.progress=false",
+        "cpu_threads=1",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+
+
+def run_train(capsys, args: list[str]) -> tuple[int, str]:
+    """(exit status, stderr) of `fastbond train ARGS`."""
+    capsys.readouterr()  # drop anything printed before
+    status = main(["train", *args])
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status: int, err: str, *fragments: str) -> str:
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    line = lines[0]
+    assert line.startswith("fastbond train: error: "), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """Writes a module of reward functions into tmp_path (put on sys.path); returns its import name."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(source: str) -> str:
+        name = next(_module_names)  # a fresh name each time: sys.modules caches imports
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        return name
+
+    return write
+
+
+# ---------------------------------------------------------------------------
+# the config: keys, ranges, files (nothing is loaded)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["stepz=2"], ["unknown config key 'stepz'", "did you mean 'steps'"]),
+        (["algorithm.bta=0.5"], ["unknown config key 'algorithm.bta'", "did you mean 'algorithm.beta'"]),
+        (["algoritm.beta=0.5"], ["unknown config key 'algoritm'", "did you mean 'algorithm'"]),
+        (["optim.learning_rate=1e-5"], ["unknown config key 'optim.learning_rate'"]),
+        (["algorithm.beta=1.5"], ["'algorithm.beta' must lie in [0, 1], got 1.5"]),
+        (["algorithm.beta=-0.1"], ["'algorithm.beta' must lie in [0, 1], got -0.1"]),
+        (["algorithm.beta=.nan"], ["'algorithm.beta' must lie in [0, 1], got nan"]),
+        (["anchor.eta=1.01"], ["'anchor.eta' must lie in [0, 1], got 1.01"]),
+        (["anchor.eta=-0.5"], ["'anchor.eta' must lie in [0, 1], got -0.5"]),
+        (["algorithm.gamma=-1"], ["'algorithm.gamma' must be >= 0, got -1.0"]),
+        (["algorithm.gamma=-.inf"], ["'algorithm.gamma' must be >= 0, got -inf"]),
+        (["model.policy=/nope"], ["'model.policy': path not found: /nope"]),
+        (["model.reference=/nope"], ["'model.reference': path not found: /nope"]),
+        (["data.prompts=/nope.jsonl"], ["'data.prompts': path not found: /nope.jsonl"]),
+        (["data.eval_prompts=/nope.jsonl"], ["'data.eval_prompts': path not found: /nope.jsonl"]),
+        (["reward.kind=model", "reward.name=/nope"], ["'reward.name': path not found: /nope"]),
+        (["on_nonfinite=ignore"], ["'on_nonfinite' must be one of skip, stop"]),
+    ],
+)
+def test_config_mistakes_in_overrides(capsys, tmp_path, overrides, fragments):
+    status, err = run_train(capsys, tiny(tmp_path) + overrides)
+    assert_one_line_error(status, err, *fragments)
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("step: 2\n", ["unknown config key 'step'", "did you mean 'steps'"]),
+        ("algorithm:\n  name: jbond\n  bta: 0.5\n", ["unknown config key 'algorithm.bta'", "'algorithm.beta'"]),
+        ("anchor:\n  etta: 0.1\n", ["unknown config key 'anchor.etta'", "did you mean 'anchor.eta'"]),
+        ("algorithm:\n  beta: 2\n", ["'algorithm.beta' must lie in [0, 1], got 2.0"]),
+        ("anchor:\n  eta: 1.5\n", ["'anchor.eta' must lie in [0, 1], got 1.5"]),
+        ("algorithm:\n  gamma: -0.25\n", ["'algorithm.gamma' must be >= 0, got -0.25"]),
+        ("model:\n  policy: /nope\n", ["'model.policy': path not found: /nope"]),
+        ("data:\n  prompts: /nope.jsonl\n", ["'data.prompts': path not found: /nope.jsonl"]),
+        ("steps: 2\nalgorithm:\n  beta: [0.5\n", ["run.yaml line 4 is not valid YAML"]),
+        ("- steps\n", ["run.yaml must hold a mapping at the top level"]),
+    ],
+)
+def test_config_mistakes_in_the_yaml_file(capsys, tmp_path, text, fragments):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    status, err = run_train(capsys, [str(path)] + tiny(tmp_path))
+    assert_one_line_error(status, err, *fragments)
+
+
+def test_yaml_file_that_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"steps: 2\nrun_dir: caf\xe9\n")
+    status, err = run_train(capsys, [str(path)])
+    assert_one_line_error(status, err, f"config file {path} is not valid UTF-8")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    missing = tmp_path / "nope.yaml"
+    status, err = run_train(capsys, [str(missing), "steps=2"])
+    assert_one_line_error(status, err, f"config file not found: {missing}")
+
+
+def test_model_path_that_is_not_a_model(capsys, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    status, err = run_train(capsys, tiny(tmp_path) + [f"model.policy={empty}"])
+    assert_one_line_error(status, err, "'model.policy'", str(empty), "no config.json")
+
+
+def test_config_errors_come_from_a_real_process_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastbond", "train", "algorithm.beta=2"],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = "fastbond train: error: config key 'algorithm.beta' must lie in [0, 1], got 2.0"
+    assert result.stderr.splitlines() == [expected]
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------
+# prompt files (read after the models load)
+
+
+def test_empty_prompt_file(capsys, tmp_path, embedded_reference):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n\n")
+    status, err = run_train(capsys, tiny(tmp_path) + [f"data.prompts={prompts}"])
+    assert_one_line_error(status, err, f"prompt file {prompts} holds no prompts")
+
+
+def test_malformed_prompt_file_names_the_line(capsys, tmp_path, embedded_reference):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the plot was"}\n{"prompt": "the cast was"}\n{"prompt": "the music was"\n')
+    status, err = run_train(capsys, tiny(tmp_path) + [f"data.prompts={prompts}"])
+    assert_one_line_error(status, err, f"{prompts} line 3: not valid JSON")
+
+
+def test_prompt_file_that_is_not_utf8_names_the_line(capsys, tmp_path, embedded_reference):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "the plot was"}\n{"prompt": "the caf\xe9 was"}\n')
+    status, err = run_train(capsys, tiny(tmp_path) + [f"data.eval_prompts={prompts}"])
+    assert_one_line_error(status, err, f"{prompts} line 2: not valid UTF-8")
+
+
+@pytest.mark.parametrize("key", ["data.prompts", "data.eval_prompts"])
+def test_prompt_over_the_token_limit_names_file_and_prompt(capsys, tmp_path, embedded_reference, key):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the plot was\n" + "the plot was good and " * 10 + "\nthe cast was\n")
+    status, err = run_train(capsys, tiny(tmp_path) + [f"{key}={prompts}", "data.max_prompt_tokens=8"])
+    assert_one_line_error(status, err, f"{key} ({prompts})", "prompt 2 has", "data.max_prompt_tokens=8")
+
+
+# ---------------------------------------------------------------------------
+# the reward: a user's function that fails, a reward model that cannot read the policy's tokens
+
+
+@pytest.mark.parametrize(
+    "body, fragments",
+    [
+        ('raise RuntimeError("kaboom\\nsecond line")', ["raised RuntimeError: kaboom"]),
+        ("return [0.0] * (len(responses) - 1)", ["returned shape (", "expected ("]),
+        ("return torch.zeros(len(responses), 2)", [", 2), expected ("]),
+        ("return None", ["returned NoneType, expected"]),
+        ("return ['good'] * len(responses)", ["returned list, expected"]),
+    ],
+)
+def test_failing_reward_function(capsys, tmp_path, embedded_reference, reward_module, body, fragments):
+    name = reward_module(f"import torch\n\ndef score(prompts, responses):\n    {body}\n")
+    overrides = ["reward.kind=callable", f"reward.name={name}:score"]
+    status, err = run_train(capsys, tiny(tmp_path) + overrides)
+    assert_one_line_error(status, err, f"reward function {name}:score", *fragments)
+
+
+def test_wrong_length_reward_names_both_lengths(capsys, tmp_path, embedded_reference, reward_module):
+    name = reward_module("def score(prompts, responses):\n    return [0.0] * (len(responses) + 3)\n")
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={name}:score"])
+    line = assert_one_line_error(status, err, f"reward function {name}:score returned shape")
+    got, expected = map(int, re.search(r"shape \((\d+),\), expected \((\d+),\)$", line).groups())
+    assert got == expected + 3
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("no_such_module_xyz:score", "module 'no_such_module_xyz' not found"),
+        ("{name}:missing", "module '{name}' has no attribute 'missing'"),
+    ],
+)
+def test_reward_function_that_cannot_be_found(capsys, tmp_path, embedded_reference, reward_module, spec, fragment):
+    name = reward_module("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    spec, fragment = spec.format(name=name), fragment.format(name=name)
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={spec}"])
+    assert_one_line_error(status, err, f"reward function {spec}", fragment)
+
+
+def _save_reward_model(path, vocab_size: int, tokenizer=None):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1)  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_model_without_tokenizer_smaller_than_the_policy_vocabulary(capsys, tmp_path, embedded_reference):
+    from fastbond.embedded import load_reference
+
+    _, policy_tokenizer = load_reference(embedded_reference)
+    model_dir = _save_reward_model(tmp_path / "rm", len(policy_tokenizer) - 10)
+    assert not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists()
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=model", f"reward.name={model_dir}"])
+    assert_one_line_error(
+        status, err, "policy/reward tokenizer mismatch", str(model_dir),
+        f"embeds {len(policy_tokenizer) - 10} tokens", f"has {len(policy_tokenizer)}",
+    )  # fmt: skip
+
+
+def test_reward_model_whose_own_tokenizer_outgrows_its_embeddings(capsys, tmp_path, embedded_reference):
+    from fastbond.embedded import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<extra_0>", "<extra_1>", "<extra_2>"])
+    model_dir = _save_reward_model(tmp_path / "rm", len(tokenizer) - 3, tokenizer)
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=model", f"reward.name={model_dir}"])
+    assert_one_line_error(
+        status, err, "policy/reward tokenizer mismatch", str(model_dir),
+        f"embeds {len(tokenizer) - 3} tokens but its tokenizer has {len(tokenizer)}",
+    )  # fmt: skip
