@@ -131,7 +131,22 @@ def _common_metrics(ctx: Context, policy_samples: Samples, policy_logps, ref_log
     }
 
 
-class JBond:
+class Algorithm:
+    """Base: an algorithm holds no state across steps unless it says so."""
+
+    needs_anchor = False
+
+    def after_step(self, ctx: Context, step: int) -> None:
+        """Move the anchor, if the algorithm has one."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class JBond(Algorithm):
     """J-BOND (SPEC §5): 1 policy sample + 2 anchor samples per prompt, EMA anchor."""
 
     needs_anchor = True
@@ -173,7 +188,7 @@ class JBond:
         ctx.anchor.update(ctx.policy, ctx.config.anchor.eta)
 
 
-class BondN:
+class BondN(Algorithm):
     """BOND-N (SPEC §6): Jeffreys divergence to BoN_N of a fixed base (π_ref), MC quantiles."""
 
     needs_anchor = False
@@ -211,9 +226,6 @@ class BondN:
         metrics.update(_common_metrics(ctx, policy_samples, policy_logps, ref_logps, entropy[:size, :width]))
         return loss, metrics
 
-    def after_step(self, ctx: Context, step: int) -> None:
-        pass
-
 
 class IterativeBond(BondN):
     """Iterative BOND (SPEC §4): BOND-n against a moving anchor, hard-copied every K steps."""
@@ -228,7 +240,7 @@ class IterativeBond(BondN):
             ctx.anchor.reset_to(ctx.policy)
 
 
-class VBoN:
+class VBoN(Algorithm):
     """vBoN (Amini et al.): backward KL to BoN_N(π_ref) through the reward CDF, fixed π_ref."""
 
     needs_anchor = False
@@ -251,11 +263,8 @@ class VBoN:
         metrics.update(_common_metrics(ctx, policy_samples, policy_logps, ref_logps, entropy))
         return loss, metrics
 
-    def after_step(self, ctx: Context, step: int) -> None:
-        pass
 
-
-class Rloo:
+class Rloo(Algorithm):
     """REINFORCE with a leave-one-out baseline over 2 policy samples per prompt (the paper's baseline)."""
 
     needs_anchor = False
@@ -280,11 +289,8 @@ class Rloo:
         metrics.update(_common_metrics(ctx, drawn, policy_logps, ref_logps, entropy))
         return loss, metrics
 
-    def after_step(self, ctx: Context, step: int) -> None:
-        pass
 
-
-class BoNBoN:
+class BoNBoN(Algorithm):
     """BoNBoN (Gui et al.), offline: the best and worst of n π_ref samples per
     prompt, drawn the first time a prompt is seen and reused for the whole run."""
 
@@ -319,6 +325,14 @@ class BoNBoN:
             {"policy": _score(ctx, prompts.texts, policy)},
         )
 
+    # The offline pairs are part of a run's state: a resumed run must train on
+    # the same pairs, not on freshly drawn ones.
+    def state_dict(self) -> dict:
+        return {"pairs": {text: [chosen, rejected] for text, (chosen, rejected) in self._pairs.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pairs = {text: (list(pair[0]), list(pair[1])) for text, pair in state.get("pairs", {}).items()}
+
     def loss(self, ctx: Context, batch: Batch):
         chosen, rejected = batch.samples["chosen"], batch.samples["rejected"]
         size = chosen.sequences.shape[0]
@@ -338,9 +352,6 @@ class BoNBoN:
             ctx, policy_samples, policy_logps, _frozen_logps(ctx, ctx.reference, policy_samples), entropy
         ))
         return loss, metrics
-
-    def after_step(self, ctx: Context, step: int) -> None:
-        pass
 
 
 ALGORITHMS = {

@@ -185,6 +185,7 @@ def checkpoint_state(run: Run) -> dict:
         "data": run.stream.state_dict(),
         "rng": rng_state(),
         "skipped": run.skipped,
+        "algorithm": run.algorithm.state_dict(),
     }
     if run.ctx.anchor is not None:
         state["anchor"] = run.ctx.anchor.state_dict()
@@ -197,6 +198,7 @@ def restore(run: Run, checkpoint: Path) -> None:
     run.engine.load_state_dict(state["engine"])
     run.stream.load_state_dict(state["data"])
     run.skipped = int(state["skipped"])
+    run.algorithm.load_state_dict(state["algorithm"])
     if run.ctx.anchor is not None:
         run.ctx.anchor.load_state_dict(state["anchor"])
     set_rng_state(state["rng"])

@@ -171,3 +171,15 @@ def test_example_gemma_config_is_valid(tmp_path):
                                    f"data.prompts={prompts}", f"data.eval_prompts={prompts}"])
     assert config.algorithm.name == "jbond" and config.optim.lr == 3e-6 and config.anchor.eta == 0.02
     assert config.model.dtype == "bfloat16" and config.rollout.batch_size == 128
+
+
+def test_bonbon_resume_reuses_its_offline_pairs(tmp_path, embedded_reference):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cast was\nreview of the dark river :\n")
+    overrides = ["checkpoint.every=2", "algorithm.name=bonbon", f"data.prompts={prompts}"]
+    straight = train(tiny_config(tmp_path / "a", "steps=4", *overrides))
+    train(tiny_config(tmp_path / "b", "steps=2", *overrides))
+    resumed = train(tiny_config(tmp_path / "b", "steps=4", "checkpoint.resume=true", *overrides))
+    expected, got = policy_weights(straight), policy_weights(resumed)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
