@@ -26,8 +26,9 @@ examples:
   fastbond train examples/gemma-2b-jbond.yaml     # a real run
   fastbond train run.yaml algorithm.beta=0.5 anchor.eta=0.05 optim.lr=3e-6
   fastbond train run.yaml checkpoint.resume=true  # continue from the run directory's latest checkpoint
+  deepspeed --num_gpus 8 -m fastbond train examples/gemma-7b-zero3.yaml   # DeepSpeed ZeRO over 8 GPUs
 
-config sections: model, reward, data, algorithm, optim, rollout, anchor, logging, checkpoint, evaluation
+config sections: model, reward, data, algorithm, optim, rollout, anchor, engine, logging, checkpoint, evaluation
 (see fastbond/config.py or the README for every key and its default)
 """
 
@@ -89,10 +90,49 @@ def _run_eval(argv: list[str]) -> int:
     return 0
 
 
+def _run_plan(argv: list[str]) -> int:
+    parser = _config_parser(
+        "fastbond plan",
+        "Print the bytes each rank will hold (policy, optimizer, anchor, reference, reward) for a "
+        "config on K GPUs, under its ZeRO stage and offload settings, without loading any model.",
+        "examples:\n  fastbond plan examples/gemma-7b-zero3.yaml --gpus 8\n"
+        "  fastbond plan examples/gemma-7b-zero3.yaml engine.zero_stage=2 --gpus 8\n"
+        "  fastbond plan run.yaml --gpus 4 --model /models/my-sft   # size from a local config.json\n",
+    )
+    parser.add_argument("--gpus", type=int, required=True, help="number of ranks (GPUs) K")
+    parser.add_argument("--model", help="size the policy from this preset or directory instead of model.policy")
+    parser.add_argument("--reference", help="size the reference from this preset or directory")
+    parser.add_argument("--reward", help="size the reward model from this preset or directory")
+    args = parser.parse_args(argv)
+    from fastbond.config import load_config
+    from fastbond.plan import format_plan, plan_for_config
+    from fastbond.presets import embedded_preset
+
+    path, overrides = _split_config_args(args)
+    config = load_config(path or embedded_preset(), overrides, check_paths=False)
+    plan = plan_for_config(config, args.gpus, model=args.model, reference=args.reference, reward=args.reward)
+    print(format_plan(plan, header=f"fastbond plan: {path or 'embedded default'} on {args.gpus} GPU(s)"))
+    return 0
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            out.append(arg)
+    return out
+
+
 # name → (one-line help, runner taking the remaining argv)
 COMMANDS = {
     "train": ("train a policy (J-BOND, BOND-N, iterative BOND, vBoN, BoNBoN, REINFORCE)", _run_train),
     "eval": ("judge a policy against Best-of-N sampling from π_ref", _run_eval),
+    "plan": ("per-rank memory of a config on K GPUs (ZeRO stage, offload), without loading models", _run_plan),
     "lab": (
         "exact Best-of-N lab: verify the theory and reproduce the BOND paper's figures 2 and 4",
         _run_lab,
@@ -115,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])

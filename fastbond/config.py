@@ -28,6 +28,9 @@ from fastbond.errors import FastbondError
 EMBEDDED = "embedded"  # the built-in tiny model / prompts / reward, made locally
 ALGORITHMS = ("jbond", "bond", "iterative_bond", "vbon", "bonbon", "rloo")
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("auto", "torch", "deepspeed")
+SHARDINGS = ("auto", "zero3", "replicated")
+GATHERS = ("auto", "full", "per_layer")
 
 
 @dataclass
@@ -88,6 +91,19 @@ class AnchorConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How the policy is optimized: one process (torch) or DeepSpeed ZeRO over K ranks."""
+
+    kind: str = "auto"  # auto (deepspeed when started by a distributed launcher) | torch | deepspeed
+    zero_stage: int = 0  # 0 data parallel; 1 optimizer states, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: bool = False  # fp32 master weights and Adam moments in CPU memory (ZeRO >= 1)
+    offload_params: bool = False  # parameter shards in CPU memory (ZeRO-3)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated config (it wins)
+    reference_sharding: str = "auto"  # reference and reward models: zero3 | replicated; auto: zero3 at ZeRO-3
+    generation_gather: str = "auto"  # ZeRO-3 sampling: full (gather once per rollout) | per_layer; auto: full if it fits
+
+
+@dataclass
 class LoggingConfig:
     every: int = 1
     progress: bool = True
@@ -126,6 +142,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
@@ -258,12 +275,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The validated config of a run: defaults ← YAML file ← dotted overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, check_paths: bool = True
+) -> TrainConfig:
+    """The validated config of a run: defaults ← YAML file ← dotted overrides.
+
+    `check_paths=False` skips the checks that model and data paths exist, for
+    commands that only read the config (`fastbond plan` on another machine).
+    """
     tree = read_yaml(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))
     config = _build(TrainConfig, tree)
-    validate(config)
+    validate(config, check_paths=check_paths)
     return config
 
 
@@ -315,7 +338,37 @@ def _model_directory(key: str, value: str) -> None:
         )
 
 
-def validate(config: TrainConfig) -> None:
+def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
+    """The engine section alone: stages, offload and the DeepSpeed override file."""
+    _one_of("engine.kind", engine.kind, ENGINES)
+    _require(engine.zero_stage in (0, 1, 2, 3), f"config key 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
+    _require(
+        not engine.offload_params or engine.zero_stage == 3,
+        f"config key 'engine.offload_params' needs engine.zero_stage=3, got {engine.zero_stage}",
+    )
+    _require(
+        not engine.offload_optimizer or engine.zero_stage >= 1,
+        "config key 'engine.offload_optimizer' needs engine.zero_stage >= 1, got 0",
+    )
+    _one_of("engine.reference_sharding", engine.reference_sharding, SHARDINGS)
+    _one_of("engine.generation_gather", engine.generation_gather, GATHERS)
+    if engine.kind == "torch":
+        # Every one of these only means something to DeepSpeed; silently ignoring them would
+        # run a different job from the one asked for.
+        for key, value in (
+            ("zero_stage", engine.zero_stage), ("offload_optimizer", engine.offload_optimizer),
+            ("offload_params", engine.offload_params), ("deepspeed_config", engine.deepspeed_config),
+        ):
+            _require(not value, f"config key 'engine.{key}' needs engine.kind=deepspeed (or auto under a deepspeed launch)")
+    if engine.deepspeed_config is not None:
+        _require(engine.deepspeed_config.endswith(".json"),
+                 f"config key 'engine.deepspeed_config' must name a .json file, got '{engine.deepspeed_config}'")
+        if check_paths:
+            _require(Path(engine.deepspeed_config).is_file(),
+                     f"config key 'engine.deepspeed_config': file not found: {engine.deepspeed_config}")
+
+
+def validate(config: TrainConfig, check_paths: bool = True) -> None:
     """Range and consistency checks; raises FastbondError naming the key."""
     algo = config.algorithm
     _one_of("algorithm.name", algo.name, ALGORITHMS)
@@ -357,12 +410,14 @@ def validate(config: TrainConfig) -> None:
         config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
         f"config key 'device' must be auto, cpu or cuda[:N], got '{config.device}'",
     )
-    _model_directory("model.policy", config.model.policy)
-    if config.model.reference is not None:
-        _model_directory("model.reference", config.model.reference)
-    _existing_path("data.prompts", config.data.prompts)
-    _existing_path("data.eval_prompts", config.data.eval_prompts)
-    if config.reward.kind == "model":
-        _existing_path("reward.name", config.reward.name)
+    validate_engine(config.engine, check_paths)
+    if check_paths:
+        _model_directory("model.policy", config.model.policy)
+        if config.model.reference is not None:
+            _model_directory("model.reference", config.model.reference)
+        _existing_path("data.prompts", config.data.prompts)
+        _existing_path("data.eval_prompts", config.data.eval_prompts)
+        if config.reward.kind == "model":
+            _existing_path("reward.name", config.reward.name)
     if config.reward.kind == "callable":
         _require(":" in config.reward.name, f"config key 'reward.name' must look like module:function, got '{config.reward.name}'")

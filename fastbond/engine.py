@@ -9,12 +9,34 @@ behind the same seam; nothing here knows about BOND.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from fastbond.config import OptimConfig
+from fastbond.config import EngineConfig, OptimConfig
+from fastbond.errors import FastbondError
+
+
+def launched_distributed(environ: Mapping[str, str] = os.environ) -> bool:
+    """Started by `deepspeed` or `torchrun`: both set LOCAL_RANK for every process they start."""
+    return "LOCAL_RANK" in environ
+
+
+def resolve_engine_kind(engine: EngineConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """"torch" or "deepspeed" for engine.kind; auto means deepspeed exactly under a distributed launch."""
+    if engine.kind != "auto":
+        return engine.kind
+    if launched_distributed(environ):
+        return "deepspeed"
+    if engine.zero_stage or engine.offload_optimizer or engine.offload_params or engine.deepspeed_config:
+        raise FastbondError(
+            f"engine.zero_stage={engine.zero_stage} needs DeepSpeed: launch with "
+            "`deepspeed --num_gpus K -m fastbond train CONFIG`, or set engine.kind=deepspeed"
+        )
+    return "torch"
 
 
 def warmup_lambda(warmup_steps: int):

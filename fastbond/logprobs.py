@@ -5,6 +5,12 @@ its LM head, the hidden states of the positions that predict response tokens
 are gathered, and `fastbond.kernels.linear_logprobs` reduces them against the
 head chunk by chunk (Triton on CUDA). Soft-cap and temperature are applied as
 the sampler applied them.
+
+Under DeepSpeed ZeRO-3 the head's weight is an empty shard outside the head's
+own forward. The kernel then runs *as* the head's forward (`call_as_forward`),
+so ZeRO's hooks gather the weight before it, gather it again before its
+backward, and reduce-scatter its gradient into the partitioned parameter —
+exactly what happens to an ordinary `nn.Linear` head.
 """
 
 from __future__ import annotations
@@ -35,16 +41,23 @@ def response_logprobs(
     predicting = hidden[:, start - 1 : -1]  # [B, T, H]
     mask = samples.response_mask
     head = lm_head(model)
-    result = linear_logprobs(
-        predicting[mask],  # [N, H], only the N real response tokens
-        head.weight,
-        samples.responses[mask],
-        bias=getattr(head, "bias", None),
-        temperature=temperature,
-        softcap=final_logit_softcap(model),
-        return_entropy=return_entropy,
-        backend=backend,
-    )
+    softcap = final_logit_softcap(model)
+
+    def fused_head(hidden_states: torch.Tensor, targets: torch.Tensor):
+        return linear_logprobs(
+            hidden_states,
+            head.weight,
+            targets,
+            bias=getattr(head, "bias", None),
+            temperature=temperature,
+            softcap=softcap,
+            return_entropy=return_entropy,
+            backend=backend,
+        )
+
+    # [N, H] hidden states of the N real response tokens, and their targets.
+    inputs = (predicting[mask], samples.responses[mask])
+    result = call_as_forward(head, fused_head, *inputs) if is_zero3_partitioned(head) else fused_head(*inputs)
     token_logps, entropy = result if return_entropy else (result, None)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     logps = logps.masked_scatter(mask, token_logps)
@@ -52,3 +65,21 @@ def response_logprobs(
         return logps
     entropies = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return logps, entropies.masked_scatter(mask, entropy.detach())
+
+
+def is_zero3_partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
+def call_as_forward(module: nn.Module, function, *args):
+    """`function(*args)` run through `module.__call__` in place of its forward, so every hook
+    registered on the module (ZeRO-3's gather / release / pre-backward) fires around it."""
+    previous = module.__dict__.get("forward")  # a wrapper someone installed on the instance, if any
+    module.forward = function  # an instance attribute shadows the class's forward
+    try:
+        return module(*args)
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous

@@ -111,12 +111,16 @@ def sample(
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
+    synced_gpus: bool = False,
 ) -> Samples:
     """One response per prompt, drawn from the model's own distribution.
 
     top_k=0 and top_p=1 are passed explicitly: many checkpoints ship a
     generation_config with top_k=50 or top_p<1, and a truncated sampler would
     draw from a distribution other than the π whose log-probs the loss uses.
+    `synced_gpus`: keep stepping until every rank is done — needed when a
+    ZeRO-3 model gathers its layers during generation (each forward is a
+    collective), see `fastbond.deepspeed_engine.gathered_for_generation`.
     """
     was_training = model.training
     model.eval()
@@ -131,6 +135,7 @@ def sample(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids or None,
+        synced_gpus=synced_gpus,
     )
     model.train(was_training)
     prompt_length = prompt_ids.shape[1]

@@ -23,3 +23,4 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "distributed: launches 2 CPU ranks (DeepSpeed over gloo); runs by default")

@@ -1,0 +1,354 @@
+"""`fastbond plan CONFIG --gpus K`: the bytes each rank will hold, before anything is launched.
+
+For each model of a run (policy, anchor, reference, reward) the parameter
+tensors are counted exactly — the architecture is instantiated on PyTorch's
+meta device from its transformers config, so tied embeddings count once and
+nothing is allocated or downloaded. The config comes from a local checkpoint
+directory, or from a preset whose numbers are those of the published
+configs (Gemma-2B/7B, Gemma-2-2B/9B, Llama-3-8B).
+
+Per rank, with Ψ the parameter count, K the ranks, c the bytes of the compute
+dtype, S = Σ ⌈numel / K⌉ over tensors (a ZeRO-3 shard, padding included) and
+F = ⌈Ψ / K⌉ (a ZeRO-1/2 flat partition):
+
+    row                     ZeRO-0   ZeRO-1   ZeRO-2   ZeRO-3
+    policy params (c)       cΨ       cΨ       cΨ       cS
+    policy grads (c)        cΨ       cΨ       cF       cS
+    fp32 master weights     4Ψ*      4F       4F       4S      (* none when c = 4)
+    Adam moments (m, v)     8Ψ       8F       8F       8S
+    anchor params (c)       cΨ       cΨ       cΨ       cS
+    anchor EMA state (fp32) 4Ψ*      4Ψ*      4Ψ*      4S*     (* none when c = 4)
+    reference / reward      cΨ', or cS' when sharded as ZeRO-3 inference engines
+
+Optimizer offload moves the master weights and moments (and an fp32 copy of
+the gradient partition) to host memory; parameter offload moves the
+parameter shards, and the anchor's EMA state with them. One process without
+DeepSpeed (engine.kind=torch) holds an fp32 policy, fp32 gradients and
+moments and no separate master. Activations, the KV cache of generation,
+communication buckets and the CUDA context are not counted; the transient
+rows show the largest temporary copies fastbond itself makes.
+
+`measured_rows` reads the same rows off a running job (the memory report at
+start), so the plan and the run can be compared line by line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastbond.config import EMBEDDED, TrainConfig
+from fastbond.errors import FastbondError
+
+# Numbers from the models' published config.json files.
+PRESETS: dict[str, dict] = {
+    "gemma-2b": dict(model_type="gemma", vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                     num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256),
+    "gemma-7b": dict(model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256),
+    "gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       tie_word_embeddings=False),
+}
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# --------------------------------------------------------------------------- #
+# model shapes
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ModelShape:
+    """The parameter tensors of one model: what every byte count below is made of."""
+
+    source: str  # where the config came from, said in the report
+    numels: list[int]  # one entry per distinct parameter tensor (tied tensors once)
+    head: tuple[int, int]  # the LM head's [V, H] (the fused path's transient buffers)
+
+    @property
+    def total(self) -> int:
+        return sum(self.numels)
+
+    def zero3_shard(self, ranks: int) -> int:
+        """Elements of one rank's ZeRO-3 shards: every tensor padded to a multiple of K."""
+        return sum(math.ceil(n / ranks) for n in self.numels)
+
+    def flat_partition(self, ranks: int) -> int:
+        """Elements of one rank's ZeRO-1/2 partition of the flat parameter buffer."""
+        return math.ceil(self.total / ranks)
+
+
+def shape_of(model: nn.Module, source: str) -> ModelShape:
+    numels = [p.numel() for p in model.parameters()]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return ModelShape(source, numels, tuple(weight.shape) if weight is not None else (0, 0))
+
+
+def _meta_model(config, classifier: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        if classifier:
+            config.num_labels = 1
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _preset_for(spec: str) -> str | None:
+    """The preset named by `spec`, or matched by the start of its last path component."""
+    name = Path(spec).name.lower()
+    matches = [preset for preset in PRESETS if name == preset or name.startswith(preset + "-")]
+    return max(matches, key=len) if matches else None
+
+
+def resolve_shape(spec: str, classifier: bool = False) -> ModelShape:
+    """Sizes of a model: a local transformers directory, a preset name, or "embedded"."""
+    from transformers import AutoConfig
+
+    if spec == EMBEDDED:
+        from fastbond.embedded import build_embedded_reference
+
+        spec = str(build_embedded_reference())
+    if Path(spec, "config.json").is_file():
+        config = AutoConfig.from_pretrained(spec)
+        return shape_of(_meta_model(config, classifier), f"config of {spec}")
+    preset = _preset_for(spec)
+    if preset is None:
+        raise FastbondError(
+            f"cannot size '{spec}': not a local transformers directory and no preset matches "
+            f"(presets: {', '.join(PRESETS)}); pass --model PRESET or a directory holding config.json"
+        )
+    numbers = dict(PRESETS[preset])
+    config = AutoConfig.for_model(numbers.pop("model_type"), **numbers)
+    how = "preset" if Path(spec).name.lower() == preset else f"preset {preset}, matched from '{spec}'"
+    return shape_of(_meta_model(config, classifier), how if how != "preset" else f"preset {preset}")
+
+
+# --------------------------------------------------------------------------- #
+# the plan
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Row:
+    what: str
+    device: int = 0  # bytes per rank on the accelerator
+    host: int = 0  # bytes per rank in CPU memory
+    transient: bool = False
+
+
+@dataclass
+class Plan:
+    title: str
+    notes: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, what: str, nbytes: int, on_host: bool = False, transient: bool = False) -> None:
+        self.rows.append(Row(what, 0 if on_host else nbytes, nbytes if on_host else 0, transient))
+
+    def totals(self) -> tuple[int, int]:
+        steady = [r for r in self.rows if not r.transient]
+        return sum(r.device for r in steady), sum(r.host for r in steady)
+
+    def row(self, what: str) -> Row:
+        return next(r for r in self.rows if r.what.startswith(what))
+
+
+def _sharding(config: TrainConfig) -> str:
+    sharding = config.engine.reference_sharding
+    if sharding == "auto":
+        return "zero3" if config.engine.zero_stage == 3 else "replicated"
+    return sharding
+
+
+def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: ModelShape | None,
+                reward: ModelShape | None, needs_anchor: bool = True) -> Plan:
+    """Per-rank bytes of a run of `config` on `ranks` ranks (see the module docstring)."""
+    if ranks < 1:
+        raise FastbondError(f"--gpus must be >= 1, got {ranks}")
+    engine = config.engine
+    deepspeed = engine.kind == "deepspeed" or (engine.kind == "auto" and (ranks > 1 or engine.zero_stage > 0))
+    if not deepspeed and ranks > 1:
+        raise FastbondError("engine.kind=torch runs one process; plan it with --gpus 1")
+    c = DTYPE_BYTES[config.model.dtype]
+    stage = engine.zero_stage if deepspeed else 0
+    dtype = config.model.dtype
+    psi, shard, flat = policy.total, policy.zero3_shard(ranks), policy.flat_partition(ranks)
+    offload_opt, offload_par = engine.offload_optimizer, engine.offload_params
+
+    if deepspeed:
+        title = (f"ZeRO-{stage} on {ranks} rank(s), {dtype}, optimizer offload "
+                 f"{'on' if offload_opt else 'off'}, parameter offload {'on' if offload_par else 'off'}")
+    else:
+        title = f"one process (engine.kind=torch), fp32 master weights, {dtype} anchor and reference"
+    plan = Plan(title)
+
+    if not deepspeed:
+        plan.add("policy params (fp32)", 4 * psi)
+        plan.add("policy grads (fp32)", 4 * psi)
+        plan.add("Adam moments (fp32 m, v)", 8 * psi)
+        anchor_params, anchor_state = c * psi, (4 * psi if c != 4 else 0)
+        anchor_on_host = False
+    else:
+        params = shard if stage == 3 else psi
+        plan.add(f"policy params ({dtype})", c * params, on_host=offload_par)
+        grads = {0: psi, 1: psi, 2: flat, 3: shard}[stage]
+        plan.add(f"policy grads ({dtype})", c * grads)
+        opt_part = psi if stage == 0 else (shard if stage == 3 else flat)
+        if offload_opt:
+            plan.add("fp32 gradient partition (offload)", 4 * opt_part, on_host=True)
+        # fp32 weights are their own master copy only at ZeRO-0; ZeRO-1/2/3 keep a clone of the partition.
+        master = 0 if (c == 4 and stage == 0) else 4 * opt_part
+        plan.add("fp32 master weights", master, on_host=offload_opt)
+        plan.add("Adam moments (fp32 m, v)", 8 * opt_part, on_host=offload_opt)
+        local = shard if stage == 3 else psi
+        anchor_params, anchor_state = c * local, (4 * local if c != 4 else 0)
+        anchor_on_host = offload_par
+    if needs_anchor:
+        plan.add(f"anchor params ({dtype})", anchor_params, on_host=anchor_on_host)
+        plan.add("anchor EMA state (fp32)", anchor_state, on_host=anchor_on_host)
+
+    sharded = deepspeed and _sharding(config) == "zero3"
+    for name, shape in (("reference", reference), ("reward", reward)):
+        if shape is None:
+            continue
+        count = shape.zero3_shard(ranks) if sharded else shape.total
+        how = "ZeRO-3 shard" if sharded else "replicated"
+        plan.add(f"{name} ({dtype}, {how})", c * count, on_host=sharded and offload_par)
+
+    vocab, hidden = policy.head
+    if deepspeed and stage == 3:
+        if engine.generation_gather == "per_layer":
+            plan.add("generation: largest tensor gathered (per layer)", c * max(policy.numels), transient=True)
+        else:
+            plan.add("generation: whole policy gathered once", c * psi, transient=True)
+        plan.add("fused LM head: gathered weight", c * vocab * hidden, transient=True)
+    plan.add("fused LM head: fp32 weight gradient", 4 * vocab * hidden, transient=True)
+
+    plan.notes.append(f"policy: {psi:,} parameters ({policy.source})")
+    if reference is not None:
+        plan.notes.append(f"reference: {reference.total:,} parameters ({reference.source})")
+    if reward is not None:
+        plan.notes.append(f"reward: {reward.total:,} parameters ({reward.source})")
+    plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
+    return plan
+
+
+def plan_for_config(config: TrainConfig, ranks: int, model: str | None = None, reference: str | None = None,
+                    reward: str | None = None) -> Plan:
+    """The plan of a config, sizing each model from the config's paths unless a spec is given."""
+    from fastbond.algorithms import ALGORITHMS
+
+    policy_shape = resolve_shape(model or config.model.policy)
+    reference_spec = reference or config.model.reference
+    reference_shape = resolve_shape(reference_spec) if reference_spec else policy_shape
+    reward_shape = None
+    if config.reward.kind == "model" or reward:
+        reward_shape = resolve_shape(reward or config.reward.name, classifier=True)
+    needs_anchor = ALGORITHMS[config.algorithm.name].needs_anchor
+    return plan_memory(config, ranks, policy_shape, reference_shape, reward_shape, needs_anchor)
+
+
+# --------------------------------------------------------------------------- #
+# measured, on a running job
+# --------------------------------------------------------------------------- #
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    shard = getattr(param, "ds_tensor", None)
+    return shard if shard is not None else param.data
+
+
+def _split(tensors) -> tuple[int, int]:
+    device = host = 0
+    seen = set()
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        if t.device.type == "cpu":
+            host += nbytes
+        else:
+            device += nbytes
+    return device, host
+
+
+def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.Module | None = None,
+                  reward: nn.Module | None = None, on_accelerator: bool = True, masters=None) -> Plan:
+    """The plan's rows read off live tensors of this rank (shards under ZeRO-3).
+
+    `optimizer`: the torch optimizer that steps (its state holds the moments).
+    `masters`: the fp32 master tensors when the optimizer does not keep them
+    in its parameter groups (DeepSpeed hands ZeRO-3's flat partitions to it
+    only during a step); by default its parameters, minus the policy's own
+    storage. With `on_accelerator=False` (a CPU run) everything counts as
+    device memory.
+    """
+    plan = Plan("measured on this rank")
+
+    def add(what, tensors):
+        device, host = _split(tensors)
+        if not on_accelerator:
+            device, host = device + host, 0
+        plan.rows.append(Row(what, device, host))
+
+    params = [_local(p) for p in policy.parameters()]
+    add("policy params", params)
+    if optimizer is not None:
+        own = {_local(p).untyped_storage().data_ptr() for p in policy.parameters()}
+        if masters is None:
+            masters = [p for group in optimizer.param_groups for p in group["params"]]
+        add("fp32 master weights", [t for t in masters if t.untyped_storage().data_ptr() not in own])
+        add("Adam moments (fp32 m, v)", [v for state in optimizer.state.values() for v in state.values()
+                                         if isinstance(v, torch.Tensor) and v.dim() > 0])
+    if anchor is not None:
+        add("anchor params", [_local(p) for p in anchor.model.parameters()])
+        add("anchor EMA state (fp32)", [] if anchor.shadow is None else anchor.state)
+    if reference is not None:
+        add("reference", [_local(p) for p in reference.parameters()])
+    if reward is not None:
+        add("reward", [_local(p) for p in reward.parameters()])
+    return plan
+
+
+# --------------------------------------------------------------------------- #
+# printing
+# --------------------------------------------------------------------------- #
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 2**30:8.2f} GiB" if nbytes else "       -    "
+
+
+def format_plan(plan: Plan, header: str = "") -> str:
+    width = max(len(r.what) for r in plan.rows) + 2
+    lines = [header] if header else []
+    lines.append(plan.title)
+    lines += [f"  {note}" for note in plan.notes if not note.startswith("not counted")]
+    lines.append(f"{'per rank':<{width}}{'device bytes':>17} {'':12}{'host bytes':>17}")
+    for row in [r for r in plan.rows if not r.transient]:
+        lines.append(f"{row.what:<{width}}{row.device:>17,} {_human(row.device)}{row.host:>17,} {_human(row.host)}")
+    device, host = plan.totals()
+    lines.append(f"{'total':<{width}}{device:>17,} {_human(device)}{host:>17,} {_human(host)}")
+    transient = [r for r in plan.rows if r.transient]
+    if transient:
+        lines.append("transient (device, on top of the total):")
+        for row in transient:
+            lines.append(f"  {row.what:<{width - 2}}{row.device:>17,} {_human(row.device)}")
+    lines += [f"  {note}" for note in plan.notes if note.startswith("not counted")]
+    return "\n".join(lines)
