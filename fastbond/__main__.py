@@ -1,4 +1,4 @@
-"""`python -m fastbond …` (also what `deepspeed -m fastbond …` runs)."""
+"""`python -m fastbond …` (also what `deepspeed --module fastbond …` runs)."""
 
 import sys
 

@@ -7,11 +7,17 @@ An algorithm has three hooks the trainer calls in order:
 
 The objectives themselves live in `fastbond.losses` (and the fused J-BOND
 head in `fastbond.kernels.jbond_loss`); nothing here touches an optimizer.
+
+Under DeepSpeed each rank holds a share of the batch; the Context then
+carries the two collectives an algorithm needs (gathering a ZeRO-3 model
+around sampling, and a sum over ranks for the batch-wide leave-one-out
+baselines), and is otherwise the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +29,12 @@ from fastbond.bon import best_of_n_index
 from fastbond.config import AlgorithmConfig, TrainConfig
 from fastbond.kernels.jbond_loss import jbond_loss as fused_jbond_loss
 from fastbond.logprobs import response_logprobs
-from fastbond.rollout import Samples, sample
+from fastbond.rollout import KeyedNoise, Samples, sample
+
+
+def _no_gather(model: nn.Module) -> AbstractContextManager[bool]:
+    """One process: nothing to gather before sampling, and no rank to keep in step with."""
+    return nullcontext(False)
 
 
 @dataclass
@@ -37,6 +48,13 @@ class Context:
     reward_fn: Callable[[list[str], list[str]], torch.Tensor]
     anchor: EMAAnchor | None = None
     backend: str = "auto"
+    # Under DeepSpeed: gathers a ZeRO-3 model for sampling and yields whether `generate`
+    # needs synced_gpus (`fastbond.deepspeed_engine.gathered_for_generation`).
+    generation: Callable[[nn.Module], AbstractContextManager[bool]] = _no_gather
+    # Under DeepSpeed: the sum of a tensor over all ranks (each holds a share of the batch).
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # rollout.sampler=keyed: the row keys of the split-invariant sampler.
+    noise: KeyedNoise | None = None
 
     @property
     def algo(self) -> AlgorithmConfig:
@@ -48,6 +66,13 @@ class Prompts:
     texts: list[str]
     ids: torch.Tensor  # [B, P] left-padded
     mask: torch.Tensor  # [B, P]
+    # Each row's prompt index in the whole step's batch (over all ranks) and its sample number.
+    index: list[int] = field(default_factory=list)
+    sample: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.index = self.index or list(range(len(self.texts)))
+        self.sample = self.sample or [0] * len(self.texts)
 
     def repeated(self, times: int) -> "Prompts":
         """Each prompt `times` times in a row: [p0, p0, …, p1, p1, …]."""
@@ -55,7 +80,15 @@ class Prompts:
             [t for t in self.texts for _ in range(times)],
             self.ids.repeat_interleave(times, dim=0),
             self.mask.repeat_interleave(times, dim=0),
+            [i for i in self.index for _ in range(times)],
+            [j for _ in self.index for j in range(times)],
         )
+
+    def rows(self, rows: list[int]) -> "Prompts":
+        """The rows `rows` of these prompts, keeping their batch index and sample number."""
+        index = torch.tensor(rows, device=self.ids.device, dtype=torch.long)
+        return Prompts([self.texts[i] for i in rows], self.ids[index], self.mask[index],
+                       [self.index[i] for i in rows], [self.sample[i] for i in rows])
 
 
 @dataclass
@@ -99,7 +132,22 @@ def _score(ctx: Context, prompts: list[str], samples: Samples) -> torch.Tensor:
 
 def _draw(ctx: Context, model: nn.Module, prompts: Prompts) -> Samples:
     rollout = ctx.config.rollout
-    return sample(model, ctx.tokenizer, prompts.ids, prompts.mask, rollout.max_new_tokens, rollout.temperature)
+    keys = ctx.noise.row_keys(prompts.index, prompts.sample) if ctx.noise is not None else None
+    with ctx.generation(model) as synced:
+        return sample(model, ctx.tokenizer, prompts.ids, prompts.mask, rollout.max_new_tokens, rollout.temperature,
+                      synced_gpus=synced, row_keys=keys)
+
+
+def _batch_baseline(ctx: Context, returns: Callable[[], torch.Tensor]) -> dict:
+    """The loss's baseline arguments: {} in one process (the baseline of the rows at hand);
+    over ranks, Σ `returns()` and the size of the whole batch, so that every rank's
+    leave-one-out baseline is the one-process baseline of the whole batch."""
+    if ctx.all_reduce_sum is None:
+        return {}
+    local = returns().detach().double()
+    total = ctx.all_reduce_sum(torch.stack([local.sum(), torch.tensor(float(local.numel()), dtype=torch.float64,
+                                                                        device=local.device)]))
+    return {"baseline_sum": total[0].float(), "baseline_count": int(round(float(total[1])))}
 
 
 def _draw_k(ctx: Context, model: nn.Module, prompts: Prompts, k: int) -> tuple[Samples, torch.Tensor]:
@@ -173,11 +221,14 @@ class JBond(Algorithm):
         anchor_logps = _frozen_logps(ctx, ctx.anchor.model, policy_samples)
         ref_logps = _frozen_logps(ctx, ctx.reference, policy_samples)
         width = policy_samples.responses.shape[1]
+        baseline = _batch_baseline(ctx, lambda: losses.jbond_returns(
+            policy_logps[:, :width], policy_samples.response_mask, anchor_logps, batch.policy_rewards, anchor_rewards,
+        ))
         loss, metrics = fused_jbond_loss(
             policy_logps[:, :width], policy_samples.response_mask,
             best_logps, both.response_mask[size:],
             anchor_logps, batch.policy_rewards, anchor_rewards,
-            beta=ctx.algo.beta, gamma=ctx.algo.gamma, backend=ctx.backend,
+            beta=ctx.algo.beta, gamma=ctx.algo.gamma, backend=ctx.backend, **baseline,
         )
         metrics = dict(metrics)
         metrics.update(_common_metrics(ctx, policy_samples, policy_logps[:, :width], ref_logps, entropy[:size, :width]))
@@ -217,10 +268,14 @@ class BondN(Algorithm):
         policy_logps, best_logps = logps[:size, :width], logps[size:]
         base_logps = _frozen_logps(ctx, self.base(ctx), policy_samples)
         ref_logps = base_logps if self.base(ctx) is ctx.reference else _frozen_logps(ctx, ctx.reference, policy_samples)
+        mc_rewards = base_rewards[:, : ctx.algo.mc_samples]
+        baseline = _batch_baseline(ctx, lambda: losses.bond_returns(
+            policy_logps, policy_samples.response_mask, base_logps, batch.policy_rewards, mc_rewards, n=ctx.algo.n,
+        ))
         loss, metrics = losses.bond_loss(
             policy_logps, policy_samples.response_mask, best_logps, both.response_mask[size:],
-            base_logps, batch.policy_rewards, base_rewards[:, : ctx.algo.mc_samples],
-            n=ctx.algo.n, beta=ctx.algo.beta,
+            base_logps, batch.policy_rewards, mc_rewards,
+            n=ctx.algo.n, beta=ctx.algo.beta, **baseline,
         )
         metrics = dict(metrics)
         metrics.update(_common_metrics(ctx, policy_samples, policy_logps, ref_logps, entropy[:size, :width]))
@@ -255,9 +310,13 @@ class VBoN(Algorithm):
         policy_samples = batch.samples["policy"]
         policy_logps, entropy = _logps(ctx, ctx.policy, policy_samples, entropy=True)
         ref_logps = _frozen_logps(ctx, ctx.reference, policy_samples)
+        baseline = _batch_baseline(ctx, lambda: losses.vbon_returns(
+            policy_logps, policy_samples.response_mask, ref_logps, batch.policy_rewards, batch.rewards["reference"],
+            n=ctx.algo.n,
+        ))
         loss, metrics = losses.vbon_loss(
             policy_logps, policy_samples.response_mask, ref_logps,
-            batch.policy_rewards, batch.rewards["reference"], n=ctx.algo.n,
+            batch.policy_rewards, batch.rewards["reference"], n=ctx.algo.n, **baseline,
         )
         metrics = dict(metrics)
         metrics.update(_common_metrics(ctx, policy_samples, policy_logps, ref_logps, entropy))
@@ -304,8 +363,7 @@ class BoNBoN(Algorithm):
         fresh = [i for i, text in enumerate(prompts.texts) if text not in self._pairs]
         if not fresh:
             return
-        index = torch.tensor(fresh, device=prompts.ids.device)
-        subset = Prompts([prompts.texts[i] for i in fresh], prompts.ids[index], prompts.mask[index])
+        subset = prompts.rows(fresh)
         n = ctx.algo.n
         drawn, rewards = _draw_k(ctx, ctx.reference, subset, n)
         best, worst = best_of_n_index(rewards).tolist(), best_of_n_index(-rewards).tolist()

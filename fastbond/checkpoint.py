@@ -109,12 +109,18 @@ def save_checkpoint(
     skeleton = split_tensors(state, tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
+    return publish(tmp, final, keep)
+
+
+def publish(tmp: Path, final: Path, keep: int) -> Path:
+    """A completely written temporary checkpoint directory becomes `final` and the latest one:
+    flushed, renamed into place, `latest` moved to it, older ones beyond `keep` removed."""
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step: swap the old one out first
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(checkpoints_dir / "latest", final.name + "\n")
-    _prune(checkpoints_dir, keep)
+    _write_text_atomic(final.parent / "latest", final.name + "\n")
+    _prune(final.parent, keep)
     return final
 
 

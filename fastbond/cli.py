@@ -26,7 +26,7 @@ examples:
   fastbond train examples/gemma-2b-jbond.yaml     # a real run
   fastbond train run.yaml algorithm.beta=0.5 anchor.eta=0.05 optim.lr=3e-6
   fastbond train run.yaml checkpoint.resume=true  # continue from the run directory's latest checkpoint
-  deepspeed --num_gpus 8 -m fastbond train examples/gemma-7b-zero3.yaml   # DeepSpeed ZeRO over 8 GPUs
+  deepspeed --num_gpus 8 --module fastbond train examples/gemma-7b-zero3.yaml   # DeepSpeed ZeRO over 8 GPUs
 
 config sections: model, reward, data, algorithm, optim, rollout, anchor, engine, logging, checkpoint, evaluation
 (see fastbond/config.py or the README for every key and its default)

@@ -83,6 +83,7 @@ class RolloutConfig:
     batch_size: int = 128  # prompts per step
     max_new_tokens: int = 64
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
+    sampler: str = "torch"  # torch (generate's sampling) | keyed (Gumbel-max, same draws on any number of ranks)
 
 
 @dataclass
@@ -392,6 +393,7 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     _positive("rollout.batch_size", config.rollout.batch_size)
     _positive("rollout.max_new_tokens", config.rollout.max_new_tokens)
     _positive("rollout.temperature", config.rollout.temperature)
+    _one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
     _positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     _positive("reward.batch_size", config.reward.batch_size)
     _positive("steps", config.steps)

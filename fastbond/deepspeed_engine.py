@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO behind the engine seam; the only module of fastbond that imports deepspeed.
 
-Launch with `deepspeed --num_gpus K -m fastbond train CONFIG` and
+Launch with `deepspeed --num_gpus K --module fastbond train CONFIG` and
 `engine.zero_stage: 0|1|2|3` (plus `offload_optimizer`, `offload_params`).
 The DeepSpeed JSON is generated from fastbond's config by
 `build_deepspeed_config`; a file named by `engine.deepspeed_config` is merged

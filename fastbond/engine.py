@@ -34,7 +34,7 @@ def resolve_engine_kind(engine: EngineConfig, environ: Mapping[str, str] = os.en
     if engine.zero_stage or engine.offload_optimizer or engine.offload_params or engine.deepspeed_config:
         raise FastbondError(
             f"engine.zero_stage={engine.zero_stage} needs DeepSpeed: launch with "
-            "`deepspeed --num_gpus K -m fastbond train CONFIG`, or set engine.kind=deepspeed"
+            "`deepspeed --num_gpus K --module fastbond train CONFIG`, or set engine.kind=deepspeed"
         )
     return "torch"
 

@@ -20,8 +20,11 @@ from fastbond.bon import bond_beta, bonbon_beta, jbond_reward, mc_quantile
 __all__ = [
     "sequence_logps",
     "leave_one_out_baseline",
+    "jbond_returns",
     "jbond_loss",
+    "bond_returns",
     "bond_loss",
+    "vbon_returns",
     "vbon_loss",
     "bonbon_loss",
     "rloo_loss",
@@ -40,16 +43,37 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.where(mask.bool(), values, torch.zeros_like(values)).sum(-1)
 
 
-def leave_one_out_baseline(returns: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def leave_one_out_baseline(
+    returns: torch.Tensor,
+    dim: int = 0,
+    total: torch.Tensor | float | None = None,
+    count: int | torch.Tensor | None = None,
+) -> torch.Tensor:
     """For each element, the mean of the *other* elements along `dim` (0 if alone).
 
     The baseline of sample i must not depend on sample i, or the policy
     gradient becomes biased; the leave-one-out mean is the cheapest such.
+
+    `total` and `count` (1-D `returns` only) make the baseline one over a
+    larger batch this one is a part of: the sum of all its returns and their
+    number, e.g. all-reduced over the ranks that each hold a share. By
+    default the batch is `returns` itself.
     """
-    count = returns.shape[dim]
-    if count == 1:
+    if total is None:
+        total, count = returns.sum(dim=dim, keepdim=True), returns.shape[dim]
+    elif count is None or returns.dim() != 1:
+        raise ValueError("a batch-wide baseline needs 1-D returns, the batch's total and its count")
+    else:
+        total = torch.as_tensor(total, dtype=returns.dtype, device=returns.device)
+    if int(count) == 1:
         return torch.zeros_like(returns)
-    return (returns.sum(dim=dim, keepdim=True) - returns) / (count - 1)
+    return (total - returns) / (count - 1)
+
+
+def _baseline(returns: torch.Tensor, baseline_sum, baseline_count) -> torch.Tensor:
+    if (baseline_sum is None) != (baseline_count is None):
+        raise ValueError("baseline_sum and baseline_count go together")
+    return leave_one_out_baseline(returns, total=baseline_sum, count=baseline_count)
 
 
 def _check_batch(name: str, tensor: torch.Tensor, batch: int, ndim: int = 1) -> None:
@@ -62,6 +86,19 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+def jbond_returns(
+    policy_logps: torch.Tensor,
+    policy_mask: torch.Tensor,
+    anchor_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    anchor_rewards: torch.Tensor,
+) -> torch.Tensor:
+    """[B] J-BOND returns R = r_J(y) − (ℓ − a), detached: what the leave-one-out baseline averages."""
+    policy_seq = sequence_logps(policy_logps.detach(), policy_mask)
+    log_ratio = policy_seq - sequence_logps(anchor_logps.detach(), policy_mask)
+    return jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype) - log_ratio
+
+
 def jbond_loss(
     policy_logps: torch.Tensor,
     policy_mask: torch.Tensor,
@@ -72,6 +109,8 @@ def jbond_loss(
     anchor_rewards: torch.Tensor,
     beta: float = 0.5,
     gamma: float = 0.0,
+    baseline_sum: torch.Tensor | float | None = None,
+    baseline_count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """J-BOND surrogate loss, SPEC §5 step 6 (BOND paper, Algorithm 2).
 
@@ -92,6 +131,10 @@ def jbond_loss(
         anchor_rewards:    [B, 2] rewards of the two anchor samples.
         beta:  Jeffreys weight in [0, 1]: 0 = forward KL only, 1 = backward KL only.
         gamma: weight ≥ 0 of the extra KL(π ‖ π_anc) regularizer.
+        baseline_sum, baseline_count: when these rows are one rank's share of a
+            larger batch, the sum of the returns R over the whole batch and its
+            size, so the leave-one-out baseline is the whole batch's (see
+            `jbond_returns`). Default: the baseline over these rows.
     """
     _check_unit_interval("beta", beta)
     if gamma < 0:
@@ -107,7 +150,7 @@ def jbond_loss(
     log_ratio = policy_seq.detach() - anchor_seq  # sample estimate of KL(π ‖ π_anc)
     jbond_rewards = jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype)
     returns = jbond_rewards - log_ratio
-    advantages = returns - leave_one_out_baseline(returns)
+    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
 
     forward_term = -best_anchor_seq
     backward_term = -advantages * policy_seq
@@ -129,6 +172,36 @@ def jbond_loss(
     return loss, metrics
 
 
+def bond_returns(
+    policy_logps: torch.Tensor,
+    policy_mask: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_rewards: torch.Tensor,
+    n: int,
+    smoothing: str = "self",
+) -> torch.Tensor:
+    """[B] BOND-N returns R = (N−1)·log p̂≤(y) − (ℓ − log π_ref(y)), detached (see `bond_loss`)."""
+    log_ratio = sequence_logps(policy_logps.detach(), policy_mask) - sequence_logps(ref_logps.detach(), policy_mask)
+    log_quantile = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
+    return (1.0 / bond_beta(n)) * log_quantile.to(log_ratio.dtype) - log_ratio
+
+
+def vbon_returns(
+    policy_logps: torch.Tensor,
+    policy_mask: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_rewards: torch.Tensor,
+    n: int,
+    smoothing: str = "self",
+) -> torch.Tensor:
+    """[B] vBoN returns A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1), detached (see `vbon_loss`)."""
+    log_ratio = sequence_logps(policy_logps.detach(), policy_mask) - sequence_logps(ref_logps.detach(), policy_mask)
+    log_cdf = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
+    return log_cdf.to(log_ratio.dtype) - bond_beta(n) * log_ratio
+
+
 def bond_loss(
     policy_logps: torch.Tensor,
     policy_mask: torch.Tensor,
@@ -141,6 +214,8 @@ def bond_loss(
     beta: float = 0.5,
     smoothing: str = "self",
     bond_rewards: torch.Tensor | None = None,
+    baseline_sum: torch.Tensor | float | None = None,
+    baseline_count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BOND-N: Jeffreys divergence to BoN_N(π_ref) (SPEC §3, §6; paper eqs. 11-15).
 
@@ -162,6 +237,8 @@ def bond_loss(
         ref_logps:   [B, T] log π_ref of the policy sample (no grad; masked by policy_mask).
         rewards:     [B] reward of the policy sample (unused with `bond_rewards`).
         ref_rewards: [B, k] rewards of k reference samples (unused with `bond_rewards`).
+        baseline_sum, baseline_count: the whole batch's Σ R and size when these rows are
+            one rank's share (`bond_returns`), as in `jbond_loss`.
     """
     _check_unit_interval("beta", beta)
     n_minus_1 = 1.0 / bond_beta(n)
@@ -180,7 +257,7 @@ def bond_loss(
 
     log_ratio = policy_seq.detach() - ref_seq
     returns = n_minus_1 * bond_rewards.to(log_ratio.dtype) - log_ratio
-    advantages = returns - leave_one_out_baseline(returns)
+    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
 
     forward_term = -best_ref_seq
     backward_term = -advantages * policy_seq
@@ -205,6 +282,8 @@ def vbon_loss(
     n: int,
     smoothing: str = "self",
     log_cdf: torch.Tensor | None = None,
+    baseline_sum: torch.Tensor | float | None = None,
+    baseline_count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """vBoN (Amini et al. 2024): maximize E_π[log F(r(y))] − 1/(N−1)·KL(π ‖ π_ref).
 
@@ -215,7 +294,8 @@ def vbon_loss(
         A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1),  L = −mean[sg(A − b)·ℓ]
 
     Its gradient is exactly 1/(N−1) times that of `bond_loss` with β = 1: the
-    same objective on the scale of the paper.
+    same objective on the scale of the paper. `baseline_sum` / `baseline_count`:
+    the whole batch's Σ A and size when these rows are one rank's share (`vbon_returns`).
     """
     batch = policy_logps.shape[0]
     policy_seq = sequence_logps(policy_logps, policy_mask)
@@ -230,7 +310,7 @@ def vbon_loss(
 
     log_ratio = policy_seq.detach() - ref_seq
     returns = log_cdf.to(log_ratio.dtype) - bond_beta(n) * log_ratio
-    advantages = returns - leave_one_out_baseline(returns)
+    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
     loss = (-advantages * policy_seq).mean()
     metrics = {
         "loss": loss.detach(),

@@ -6,6 +6,10 @@
 Setting up (models, reward, prompts, resume) is in `setup_run`; the loop in
 `train` does one step after another and knows nothing of any algorithm's
 details, which live in `fastbond.algorithms`.
+
+Under DeepSpeed (engine.kind deepspeed, or auto under `deepspeed --num_gpus K`)
+every rank runs this same loop on its share of each step's batch; what is
+set up, saved and exported differently lives in `fastbond.distributed_run`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fastbond.anchor import EMAAnchor
 from fastbond.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastbond.config import EMBEDDED, TrainConfig, to_dict
 from fastbond.data import PromptStream, read_prompts
-from fastbond.engine import TorchEngine
+from fastbond.engine import TorchEngine, resolve_engine_kind
 from fastbond.errors import FastbondError
 from fastbond.metrics_log import MetricsLog, read_metrics, to_float
 from fastbond.models import (
@@ -37,7 +41,7 @@ from fastbond.models import (
     load_tokenizer,
     resolve_device,
 )
-from fastbond.rollout import encode_prompts
+from fastbond.rollout import KeyedNoise, combine_keys, encode_prompts
 
 
 class PhaseTimer:
@@ -76,6 +80,14 @@ class Run:
     step: int = 0
     skipped: int = 0
     extra: dict = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False  # DeepSpeed: ranks share each batch (fastbond.distributed_run)
+
+    @property
+    def main(self) -> bool:
+        """The rank that logs, draws progress, evaluates and reports."""
+        return self.rank == 0
 
 
 def quiet_transformers() -> None:
@@ -146,36 +158,60 @@ def load_models(config: TrainConfig, device: torch.device, policy_path: str | Pa
     return tokenizer, policy, reference, reward_fn
 
 
+def _distributed():
+    """`fastbond.distributed_run`, imported by DeepSpeed runs only (it imports deepspeed)."""
+    from fastbond import distributed_run
+
+    return distributed_run
+
+
 def setup_run(config: TrainConfig) -> Run:
-    device = resolve_device(config.device)
+    distributed = resolve_engine_kind(config.engine) == "deepspeed"
+    if distributed:
+        rank, world, device, ds_config = _distributed().init(config)
+    else:
+        rank, world, device = 0, 1, resolve_device(config.device)
     quiet_transformers()
     set_cpu_threads(config, device)
-    seed_everything(config.seed)
+    # Each rank its own random stream (rollout.sampler=torch draws from it); rank 0 the run's seed.
+    seed_everything(config.seed if rank == 0 else combine_keys(config.seed, rank))
     run_dir = Path(config.run_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
     if config.checkpoint.resume and checkpoint is None:
         raise FastbondError(f"checkpoint.resume=true but {run_dir / 'checkpoints'} holds no checkpoint")
 
     policy_source = resolve_model_path(config.model.policy)
-    tokenizer, policy, reference, reward_fn = load_models(
-        config, device, checkpoint / "policy" if checkpoint else policy_source
-    )
-    policy.train()
+    algorithm = make_algorithm(config.algorithm.name)
     dtype = DTYPES[config.model.dtype]
+    if distributed:  # policy and anchor sharded over the ranks, the policy loaded from its source
+        tokenizer, engine, anchor, reference, reward_fn = _distributed().build_models(
+            config, ds_config, device, algorithm.needs_anchor, resolve_model_path
+        )
+        policy = engine.model
+    else:
+        tokenizer, policy, reference, reward_fn = load_models(
+            config, device, checkpoint / "policy" if checkpoint else policy_source
+        )
+        policy.train()
+        anchor = EMAAnchor(policy, dtype) if algorithm.needs_anchor else None
+        engine = TorchEngine(policy, config.optim, dtype, device)
 
     train_prompts = resolve_prompts(config.data.prompts, "train")
     eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
     check_prompt_lengths(tokenizer, train_prompts, config.data.max_prompt_tokens, f"data.prompts ({config.data.prompts})")
     check_prompt_lengths(tokenizer, eval_prompts, config.data.max_prompt_tokens, f"data.eval_prompts ({config.data.eval_prompts})")
 
-    algorithm = make_algorithm(config.algorithm.name)
-    anchor = EMAAnchor(policy, dtype) if algorithm.needs_anchor else None
     ctx = Context(config, policy, reference, tokenizer, reward_fn, anchor)
-    engine = TorchEngine(policy, config.optim, dtype, device)
+    if distributed:
+        _distributed().attach(ctx, config)
+    if config.rollout.sampler == "keyed":
+        ctx.noise = KeyedNoise(config.seed)
+    # The prompt stream is the same on every rank; each takes its share of a batch.
     stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
-    run = Run(config, run_dir, device, ctx, algorithm, engine, stream, eval_prompts, policy_source)
+    run = Run(config, run_dir, device, ctx, algorithm, engine, stream, eval_prompts, policy_source,
+              rank=rank, world=world, distributed=distributed)
     if checkpoint is not None:
-        restore(run, checkpoint)
+        (_distributed().restore if distributed else restore)(run, checkpoint)
     return run
 
 
@@ -193,6 +229,8 @@ def checkpoint_state(run: Run) -> dict:
 
 
 def restore(run: Run, checkpoint: Path) -> None:
+    if (checkpoint / "zero").is_dir():
+        raise FastbondError(f"checkpoint {checkpoint} was written by a DeepSpeed run; resume it under DeepSpeed")
     step, state = load_checkpoint(checkpoint)
     run.step = step
     run.engine.load_state_dict(state["engine"])
@@ -216,20 +254,28 @@ def save_policy(run: Run, path: Path) -> Path:
     return path
 
 
-def _finite(batch) -> bool:
-    return all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
+def _finite(run: Run, batch) -> bool:
+    finite = all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
+    if run.distributed:  # all ranks skip together, or none does
+        finite = _distributed().all_true(finite, run.device)
+    return finite
 
 
 def train_step(run: Run, timer: PhaseTimer) -> dict:
     """One step; returns its metrics (a skipped step says so in `skipped_step`)."""
     config, ctx = run.config, run.ctx
     texts = run.stream.next_batch()
+    share = len(texts) // run.world  # this rank's prompts of the batch
+    first = run.rank * share
+    texts = texts[first : first + share]
+    if ctx.noise is not None:
+        ctx.noise.start_step(run.step)
     with timer("generate"):
         ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, run.device)
-        batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask))
+        batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
     reward = batch.policy_rewards.float()
     metrics: dict = {"reward": reward.nanmean() if reward.numel() else reward}
-    if not _finite(batch):
+    if not _finite(run, batch):
         return _skip(run, metrics, "the reward function returned NaN or Inf")
     with timer("logprobs"), run.engine.autocast():
         loss, loss_metrics = run.algorithm.loss(ctx, batch)
@@ -258,7 +304,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _progress(run: Run, total: int):
-    if not run.config.logging.progress:
+    if not run.config.logging.progress or not run.main:
         return None
     from tqdm import tqdm
 
@@ -269,9 +315,11 @@ def train(config: TrainConfig) -> Path:
     """Run training as configured; returns the run directory."""
     run = setup_run(config)
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    log = MetricsLog(run.run_dir, to_dict(config), config.logging.tensorboard, config.logging.wandb,
-                     config.logging.wandb_project, resume_step=run.step if config.checkpoint.resume else None)
+    log = None
+    if run.main:
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        log = MetricsLog(run.run_dir, to_dict(config), config.logging.tensorboard, config.logging.wandb,
+                         config.logging.wandb_project, resume_step=run.step if config.checkpoint.resume else None)
     timer = PhaseTimer(run.device)
     bar = _progress(run, config.steps)
     samples_per_step = config.rollout.batch_size
@@ -283,7 +331,9 @@ def train(config: TrainConfig) -> Path:
             metrics.update(timer.pop())
             metrics["samples_per_s"] = samples_per_step / (time.perf_counter() - started)
             if run.step % config.logging.every == 0 or run.step == config.steps:
-                record = log.write(run.step, metrics)
+                if run.distributed:
+                    metrics = _distributed().mean_metrics(metrics, run.device)
+                record = log.write(run.step, metrics) if log is not None else {}
                 if bar is not None:
                     bar.set_postfix(reward=_fmt(record["reward"]), kl=_fmt(record.get("kl_ref")),
                                     samples_s=_fmt(record["samples_per_s"], 1))
@@ -291,15 +341,28 @@ def train(config: TrainConfig) -> Path:
                 bar.update(1)
             every = config.checkpoint.every
             if (every and run.step % every == 0) or run.step == config.steps:
-                save_checkpoint(run.run_dir / "checkpoints", run.step, run.ctx.policy, run.ctx.tokenizer,
-                                checkpoint_state(run), keep=config.checkpoint.keep)
+                save(run)
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+    if run.distributed:
+        _distributed().export(run, run.run_dir / "policy")
+        if run.main:
+            finish(run)
+        return run.run_dir
     save_policy(run, run.run_dir / "policy")
     finish(run)
     return run.run_dir
+
+
+def save(run: Run) -> None:
+    if run.distributed:
+        _distributed().save(run, keep=run.config.checkpoint.keep)
+        return
+    save_checkpoint(run.run_dir / "checkpoints", run.step, run.ctx.policy, run.ctx.tokenizer,
+                    checkpoint_state(run), keep=run.config.checkpoint.keep)
 
 
 def finish(run: Run) -> None:
@@ -309,12 +372,21 @@ def finish(run: Run) -> None:
 
     evaluation = None
     if run.config.evaluation.at_end:
-        evaluation = run_evaluation(run.ctx, run.config, run.eval_prompts)
+        evaluation = run_evaluation(evaluation_context(run), run.config, run.eval_prompts)
         (run.run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
         print(format_evaluation(evaluation))
     write_report(read_metrics(run.run_dir / "metrics.jsonl"), evaluation, run.run_dir / "report.png",
                  title=f"{run.config.algorithm.name} on {run.config.model.policy}")
     print(f"run directory: {run.run_dir} (policy/, metrics.jsonl, report.png{', eval.json' if evaluation else ''})")
+
+
+def evaluation_context(run: Run) -> Context:
+    """The models evaluation samples from: the run's own in one process; under DeepSpeed,
+    plain one-process models loaded from the exported policy (rank 0 alone evaluates)."""
+    if not run.distributed:
+        return run.ctx
+    tokenizer, policy, reference, reward_fn = load_models(run.config, run.device, run.run_dir / "policy")
+    return Context(run.config, policy.eval(), reference, tokenizer, reward_fn)
 
 
 def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = None) -> dict:

@@ -7,6 +7,11 @@ Same signature, semantics and `(loss, metrics)` return as
     R = r_J − (ℓ − a),  b = leave-one-out mean of R,  A = R − b
     L = mean_b[ (1−β)·(−ℓ₂) + β·(−sg(A)·ℓ) + γ·sg(ℓ − a)·ℓ ]
 
+When the rows are one rank's share of a batch split over ranks,
+`baseline_sum` / `baseline_count` (Σ R over the whole batch, all-reduced, and
+its size) make b the whole batch's leave-one-out mean; the metrics stay the
+share's.
+
 The stop-gradients make the advantages constants, so the gradient is closed
 form and per sequence:
 
@@ -151,7 +156,7 @@ def _jbond_penalty(rewards: torch.Tensor) -> float:
 class _JBondChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards,
-                anchor_rewards, beta: float, gamma: float):
+                anchor_rewards, beta: float, gamma: float, baseline_sum=None, baseline_count=None):
         policy_seq = sequence_logps(policy_logps, policy_mask)  # [B], fp32 (fp64 for fp64 inputs)
         best_anchor_seq = sequence_logps(best_anchor_logps, best_anchor_mask)
         anchor_seq = sequence_logps(anchor_logps, policy_mask)
@@ -159,7 +164,7 @@ class _JBondChunked(torch.autograd.Function):
         log_ratio = policy_seq - anchor_seq
         jbond_rewards = jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype)
         returns = jbond_rewards - log_ratio
-        advantages = returns - leave_one_out_baseline(returns)
+        advantages = returns - leave_one_out_baseline(returns, total=baseline_sum, count=baseline_count)
 
         forward_term = -best_anchor_seq
         backward_term = -advantages * policy_seq
@@ -197,7 +202,7 @@ class _JBondChunked(torch.autograd.Function):
             per_token = -(grad_row * (1.0 - ctx.beta))
             zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
             grad_best = torch.where(best_anchor_mask.bool(), per_token, zero).to(best_dtype)
-        return grad_policy, None, grad_best, None, None, None, None, None, None
+        return grad_policy, None, grad_best, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -237,6 +242,7 @@ if triton is not None:
         loss_ptr,            # []      fp32 out
         metrics_ptr,         # [9]     fp32 out, in METRIC_NAMES order
         ticket_ptr,          # [1]     int32, zero on entry: programs finished so far
+        baseline_ptr,        # [2]     fp32: Σ R and the size of the whole batch (GLOBAL_BASELINE only)
         B, T, T2,
         stride_p, stride_pm, stride_b, stride_bm, stride_a,
         stride_r, stride_ar0, stride_ar1,
@@ -244,6 +250,7 @@ if triton is not None:
         beta, one_minus_beta, gamma,
         BLOCK_T: tl.constexpr,
         BLOCK_B: tl.constexpr,
+        GLOBAL_BASELINE: tl.constexpr,  # these rows are a share of a batch: its baseline from baseline_ptr
     ):
         row = tl.program_id(0)
         row64 = row.to(tl.int64)
@@ -268,7 +275,11 @@ if triton is not None:
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == B - 1:
             tl.debug_barrier()
-            loo = tl.maximum(B - 1, 1).to(tl.float32)  # B = 1: baseline 0, any divisor works
+            if GLOBAL_BASELINE:
+                count = tl.load(baseline_ptr + 1)
+            else:
+                count = B.to(tl.float32)
+            loo = tl.maximum(count - 1.0, 1.0)  # a batch of 1: baseline 0, any divisor works
             # Pass 1: the sum of returns.
             acc_r = tl.zeros([BLOCK_B], dtype=tl.float32)
             for start in range(0, B, BLOCK_B):
@@ -279,6 +290,10 @@ if triton is not None:
                 rj = tl.load(rows_ptr + rows * 4 + 3, mask=inside, other=0.0, volatile=True)
                 acc_r += tl.where(inside, rj - (l - a), 0.0)
             sum_returns = tl.sum(acc_r, axis=0)
+            if GLOBAL_BASELINE:
+                batch_returns = tl.load(baseline_ptr)
+            else:
+                batch_returns = sum_returns
             # Pass 2: advantages, the loss, the means; per-row gradient coefficients.
             acc_loss = tl.zeros([BLOCK_B], dtype=tl.float32)
             acc_fwd = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -298,8 +313,8 @@ if triton is not None:
                 rj = tl.load(rows_ptr + rows * 4 + 3, mask=inside, other=0.0, volatile=True)
                 log_ratio = l - a
                 ret = rj - log_ratio
-                if B > 1:
-                    adv = ret - (sum_returns - ret) / loo
+                if count > 1.0:
+                    adv = ret - (batch_returns - ret) / loo
                 else:
                     adv = ret
                 fwd = -l2
@@ -329,8 +344,8 @@ if triton is not None:
                 a = tl.load(rows_ptr + rows * 4 + 1, mask=inside, other=0.0, volatile=True)
                 rj = tl.load(rows_ptr + rows * 4 + 3, mask=inside, other=0.0, volatile=True)
                 ret = rj - (l - a)
-                if B > 1:
-                    adv = ret - (sum_returns - ret) / loo
+                if count > 1.0:
+                    adv = ret - (batch_returns - ret) / loo
                 else:
                     adv = ret
                 centered = tl.where(inside, adv - mean_adv, 0.0)
@@ -401,7 +416,7 @@ def _block_t(*lengths: int) -> int:
 class _JBondTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards,
-                anchor_rewards, beta: float, gamma: float):
+                anchor_rewards, beta: float, gamma: float, baseline_sum=None, baseline_count=None):
         device = policy_logps.device
         batch, n_policy = policy_logps.shape
         n_best = best_anchor_logps.shape[1]
@@ -417,9 +432,14 @@ class _JBondTriton(torch.autograd.Function):
         loss = torch.empty((), dtype=torch.float32, device=device)
         metrics = scratch[batch * 6 :]
         ticket = torch.zeros(1, dtype=torch.int32, device=device)
+        global_baseline = baseline_sum is not None
+        baseline = metrics  # not read unless global_baseline
+        if global_baseline:
+            total = torch.as_tensor(baseline_sum, dtype=torch.float32, device=device).reshape(1)
+            baseline = torch.cat([total, torch.full((1,), float(baseline_count), dtype=torch.float32, device=device)])
         _jbond_fwd_kernel[(batch,)](
             policy, pmask, best, bmask, anchor, rewards, anchor_rewards,
-            rows, grad_rows, loss, metrics, ticket,
+            rows, grad_rows, loss, metrics, ticket, baseline,
             batch, n_policy, n_best,
             policy.stride(0), pmask.stride(0), best.stride(0), bmask.stride(0), anchor.stride(0),
             rewards.stride(0), anchor_rewards.stride(0), anchor_rewards.stride(1),
@@ -427,6 +447,7 @@ class _JBondTriton(torch.autograd.Function):
             BLOCK_T=_block_t(n_policy, n_best) if device.type == "cuda" else _block_t(min(n_policy, 32), 16),
             # Small blocks under the CPU interpreter so tests walk the finish loop over several blocks.
             BLOCK_B=max(16, min(triton.next_power_of_2(batch), 1024 if device.type == "cuda" else 16)),
+            GLOBAL_BASELINE=global_baseline,
             num_warps=4,
         )
         ctx.save_for_backward(pmask, bmask, grad_rows)
@@ -446,7 +467,7 @@ class _JBondTriton(torch.autograd.Function):
         grad_policy = torch.empty((batch, n_policy), dtype=policy_dtype, device=device) if want_policy else None
         grad_best = torch.empty((batch, n_best), dtype=best_dtype, device=device) if want_best else None
         if not (want_policy or want_best) or batch == 0:
-            return grad_policy, None, grad_best, None, None, None, None, None, None
+            return grad_policy, None, grad_best, None, None, None, None, None, None, None, None
         lengths = [n for n, want in ((n_policy, want_policy), (n_best, want_best)) if want]
         block_t = _block_t(*lengths) if device.type == "cuda" else 32
         grid = (batch, max(1, triton.cdiv(max(lengths), block_t)))
@@ -462,7 +483,7 @@ class _JBondTriton(torch.autograd.Function):
             BLOCK_T=block_t,
             num_warps=4,
         )
-        return grad_policy, None, grad_best, None, None, None, None, None, None
+        return grad_policy, None, grad_best, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -482,6 +503,8 @@ def jbond_loss(
     gamma: float = 0.0,
     *,
     backend: str = "auto",
+    baseline_sum: torch.Tensor | float | None = None,
+    baseline_count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """J-BOND surrogate loss and metrics, as `fastbond.losses.jbond_loss`, fused.
 
@@ -496,6 +519,10 @@ def jbond_loss(
         beta:  Jeffreys weight in [0, 1].
         gamma: weight ≥ 0 of the KL(π ‖ π_anc) regularizer.
         backend: "auto" (triton on CUDA, chunked elsewhere), "reference", "chunked" or "triton".
+        baseline_sum, baseline_count: these rows are one rank's share of a larger batch; the
+            sum of the returns over the whole batch (`fastbond.losses.jbond_returns`, all-reduced)
+            and its size. The leave-one-out baseline is then the whole batch's; the metrics
+            stay those of these rows.
     Returns:
         (loss, metrics): a scalar to minimize (fp32; fp64 for fp64 log-probs) and a
         dict of detached scalars keyed like the reference's.
@@ -503,15 +530,21 @@ def jbond_loss(
     resolved = resolve_backend(backend, policy_logps)
     if resolved == "reference":
         return jbond_loss_reference(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps,
-                                    rewards, anchor_rewards, beta=beta, gamma=gamma)
+                                    rewards, anchor_rewards, beta=beta, gamma=gamma,
+                                    baseline_sum=baseline_sum, baseline_count=baseline_count)
     _validate(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards, anchor_rewards,
               beta, gamma)
     beta, gamma = float(beta), float(gamma)
+    if (baseline_sum is None) != (baseline_count is None):
+        raise ValueError("baseline_sum and baseline_count go together")
+    if baseline_count is not None:
+        baseline_count = int(baseline_count)
     fused = resolved == "triton" and triton is not None
     if fused:
         dtypes = {policy_logps.dtype, best_anchor_logps.dtype, anchor_logps.dtype}
         fused = dtypes <= set(_TL_DTYPES) and policy_logps.shape[0] > 0
     function = _JBondTriton if fused else _JBondChunked
     loss, metrics = function.apply(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask,
-                                   anchor_logps.detach(), rewards, anchor_rewards, beta, gamma)
+                                   anchor_logps.detach(), rewards, anchor_rewards, beta, gamma,
+                                   baseline_sum, baseline_count)
     return loss, _metrics_dict(loss, metrics)

@@ -204,3 +204,9 @@ def test_generation_gathers_once_per_rollout_or_per_layer(launch):
         assert per_layer["synced"] is True
         assert per_layer["gathered_elements"] >= (result["new_tokens"] - 1) * result["model_elements"]
         assert result["step_after"] is True
+
+
+def test_ranks_agree_on_skipping_and_average_metrics(launch):
+    for result in results(launch, "ranks_agree"):
+        assert result["one_rank_false"] is False and result["all_true"] is True
+        assert result["metrics"] == {"loss": 3.0, "lr": 0.5}  # means 2 and 4, averaged

@@ -603,6 +603,26 @@ def generation_zero3():
 
 
 # --------------------------------------------------------------------------- #
+# the trainer's agreements between ranks
+# --------------------------------------------------------------------------- #
+
+
+@scenario
+def ranks_agree():
+    """A step is skipped on every rank when one rank's rewards are not finite (a rank that
+    stepped alone would hang the others in the gradient all-reduce); metrics are averaged."""
+    from fastbond.distributed_run import all_true, mean_metrics
+
+    rank = dist.get_rank()
+    cpu = torch.device("cpu")
+    return {
+        "one_rank_false": all_true(rank == 0, cpu),
+        "all_true": all_true(True, cpu),
+        "metrics": mean_metrics({"loss": torch.tensor([1.0, 3.0]) * (rank + 1), "lr": 0.5}, cpu),
+    }
+
+
+# --------------------------------------------------------------------------- #
 
 
 def main() -> int:

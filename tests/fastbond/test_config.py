@@ -57,6 +57,7 @@ def test_integer_accepted_for_float_but_not_the_reverse():
         (["optim.lr"], "must look like key=value"),
         (["optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
         (["model.dtype=fp8"], "'model.dtype' must be one of"),
+        (["rollout.sampler=gumbel"], "'rollout.sampler' must be one of"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -274,3 +274,42 @@ def test_bonbon_loss_alpha_range():
     z = torch.zeros(1, 2)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\], got 2"):
         bonbon_loss(z, torch.ones(1, 2), z, torch.ones(1, 2), z, z, alpha=2)
+
+
+# ---------------------------------------------------------------- a batch split over ranks
+
+
+@pytest.mark.parametrize("name", ["bond", "vbon"])
+def test_batch_baseline_over_two_shares_equals_the_whole_batch(name):
+    """Each share given the whole batch's Σ R and size (`*_returns`): size-weighted losses and
+    share-scaled gradients add up to the whole batch's, as the gradient average over ranks does."""
+    from fastbond.losses import bond_returns, vbon_returns
+
+    generator = torch.Generator().manual_seed(3)
+    batch, length, k, n = 5, 4, 6, 4
+    policy = (-torch.rand(batch, length, generator=generator, dtype=F64)).requires_grad_()
+    best = (-torch.rand(batch, length, generator=generator, dtype=F64)).requires_grad_()
+    ref = -torch.rand(batch, length, generator=generator, dtype=F64)
+    masks = torch.rand(batch, length, generator=generator) < 0.8
+    rewards = torch.randn(batch, generator=generator, dtype=F64)
+    ref_rewards = torch.randn(batch, k, generator=generator, dtype=F64)
+
+    def loss_of(rows, **baseline):
+        if name == "bond":
+            return bond_loss(policy[rows], masks[rows], best[rows], masks[rows], ref[rows], rewards[rows],
+                             ref_rewards[rows], n=n, **baseline)[0]
+        return vbon_loss(policy[rows], masks[rows], ref[rows], rewards[rows], ref_rewards[rows], n=n, **baseline)[0]
+
+    returns_of = bond_returns if name == "bond" else vbon_returns
+    total = returns_of(policy, masks, ref, rewards, ref_rewards, n=n).sum()
+    whole = loss_of(slice(0, batch))
+    shares = [loss_of(rows, baseline_sum=total, baseline_count=batch) * (rows.stop - rows.start) / batch
+              for rows in (slice(0, 2), slice(2, batch))]
+    torch.testing.assert_close(sum(shares), whole)
+    grads = torch.autograd.grad(whole, [policy] + ([best] if name == "bond" else []))
+    split = torch.autograd.grad(sum(shares), [policy] + ([best] if name == "bond" else []))
+    for got, want in zip(split, grads):
+        torch.testing.assert_close(got, want)
+    # the default (no baseline arguments) baseline is the share's own: a different gradient
+    own = torch.autograd.grad(loss_of(slice(0, 2)) * 2 / batch + loss_of(slice(2, batch)) * 3 / batch, [policy])[0]
+    assert not torch.allclose(own, grads[0])

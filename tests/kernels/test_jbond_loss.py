@@ -274,3 +274,40 @@ def test_cuda_real_sizes(batch, length, dtype):
     # The finish step runs in one program in a fixed order: bitwise reproducible.
     again = run(inputs, "triton", 0.5, 0.7)
     assert torch.equal(again[0], loss) and torch.equal(again[2][0], grad_policy)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("beta,gamma", [(0.5, 0.0), (1.0, 0.7)])
+def test_batch_baseline_over_two_shares_equals_the_whole_batch(backend, beta, gamma):
+    """A batch split in two shares (as over 2 ranks), each given the whole batch's Σ R and size:
+    the size-weighted losses and the gradients (scaled by share / batch, the gradient average over
+    ranks of equal shares) are the whole batch's."""
+    from fastbond.losses import jbond_returns
+
+    inputs = make_batch(7)
+    whole, _, (grad_policy, grad_best) = run(inputs, backend, beta, gamma)
+    returns = jbond_returns(inputs["policy_logps"], inputs["policy_mask"], inputs["anchor_logps"],
+                            inputs["rewards"], inputs["anchor_rewards"])
+    total = returns.sum()
+    losses, policy_grads, best_grads = [], [], []
+    for rows in (slice(0, 3), slice(3, 7)):
+        share = {k: (v.detach()[rows].requires_grad_() if v.requires_grad else v[rows]) for k, v in inputs.items()}
+        kwargs = dict(beta=beta, gamma=gamma, baseline_sum=total, baseline_count=7)
+        if backend == "reference":
+            loss, _ = jbond_loss_reference(**share, **kwargs)
+        else:
+            loss, _ = jbond_loss(**share, **kwargs, backend=backend)
+        size = rows.stop - rows.start
+        grads = torch.autograd.grad(loss * 3.7 * size / 7, [share["policy_logps"], share["best_anchor_logps"]])
+        losses.append(loss.detach() * size / 7)
+        policy_grads.append(grads[0])
+        best_grads.append(grads[1])
+    torch.testing.assert_close(sum(losses), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(policy_grads), grad_policy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(best_grads), grad_best, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_baseline_arguments_go_together():
+    inputs = make_batch(3)
+    with pytest.raises(ValueError, match="go together"):
+        jbond_loss(**inputs, baseline_sum=torch.tensor(1.0), backend="chunked")
