@@ -86,6 +86,19 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+def _log_quantiles(loss_name, given_name, given, rewards, ref_rewards, batch: int, smoothing: str) -> torch.Tensor:
+    """[B] log p̂≤ of each policy sample among its k reference samples, or the
+    caller's own values (`given`: exact or learned quantiles) when passed."""
+    if given is None:
+        if rewards is None or ref_rewards is None:
+            raise ValueError(f"{loss_name} needs rewards and ref_rewards, or {given_name}")
+        _check_batch("rewards", rewards, batch)
+        _check_batch("ref_rewards", ref_rewards, batch, ndim=2)
+        given = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
+    _check_batch(given_name, given, batch)
+    return given
+
+
 def jbond_returns(
     policy_logps: torch.Tensor,
     policy_mask: torch.Tensor,
@@ -247,13 +260,7 @@ def bond_loss(
     best_ref_seq = sequence_logps(best_ref_logps, best_ref_mask)
     ref_seq = sequence_logps(ref_logps.detach(), policy_mask)
 
-    if bond_rewards is None:
-        if rewards is None or ref_rewards is None:
-            raise ValueError("bond_loss needs rewards and ref_rewards, or bond_rewards")
-        _check_batch("rewards", rewards, batch)
-        _check_batch("ref_rewards", ref_rewards, batch, ndim=2)
-        bond_rewards = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
-    _check_batch("bond_rewards", bond_rewards, batch)
+    bond_rewards = _log_quantiles("bond_loss", "bond_rewards", bond_rewards, rewards, ref_rewards, batch, smoothing)
 
     log_ratio = policy_seq.detach() - ref_seq
     returns = n_minus_1 * bond_rewards.to(log_ratio.dtype) - log_ratio
@@ -300,13 +307,7 @@ def vbon_loss(
     batch = policy_logps.shape[0]
     policy_seq = sequence_logps(policy_logps, policy_mask)
     ref_seq = sequence_logps(ref_logps.detach(), policy_mask)
-    if log_cdf is None:
-        if rewards is None or ref_rewards is None:
-            raise ValueError("vbon_loss needs rewards and ref_rewards, or log_cdf")
-        _check_batch("rewards", rewards, batch)
-        _check_batch("ref_rewards", ref_rewards, batch, ndim=2)
-        log_cdf = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
-    _check_batch("log_cdf", log_cdf, batch)
+    log_cdf = _log_quantiles("vbon_loss", "log_cdf", log_cdf, rewards, ref_rewards, batch, smoothing)
 
     log_ratio = policy_seq.detach() - ref_seq
     returns = log_cdf.to(log_ratio.dtype) - bond_beta(n) * log_ratio
