@@ -31,7 +31,13 @@ from fastbond import deepspeed_engine as dse
 from fastbond.checkpoint import join_tensors, publish, rng_state, set_rng_state, split_tensors
 from fastbond.config import TrainConfig
 from fastbond.errors import FastbondError
-from fastbond.models import DTYPES, attention_implementation, load_causal_lm, load_tokenizer
+from fastbond.models import (
+    DTYPES,
+    attention_implementation,
+    enable_activation_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 CPU = torch.device("cpu")
 
@@ -63,7 +69,7 @@ def build_models(config: TrainConfig, ds_config: dict, device: torch.device, nee
     tokenizer = load_tokenizer(policy_source, remote)
     policy = load_causal_lm(policy_source, dtype, CPU, attn, remote)
     if config.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     policy.train()
     anchor_model = copy.deepcopy(policy) if needs_anchor else None  # before the engine partitions the policy
     engine = dse.DeepSpeedEngine(policy, config, ds_config, device)

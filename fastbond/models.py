@@ -82,6 +82,16 @@ def load_causal_lm(
     return model.to(device)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward instead of storing them.
+
+    transformers ≥ 5.2x renamed `gradient_checkpointing_enable` (still there,
+    deprecated); older 5.x only has the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def _text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -37,6 +37,7 @@ from fastbond.metrics_log import MetricsLog, read_metrics, to_float
 from fastbond.models import (
     DTYPES,
     attention_implementation,
+    enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
@@ -150,7 +151,7 @@ def load_models(config: TrainConfig, device: torch.device, policy_path: str | Pa
     # The policy keeps fp32 master weights; low precision is used through autocast.
     policy = load_causal_lm(policy_path, torch.float32, device, attn, remote)
     if config.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     reference = load_causal_lm(reference_source, dtype, device, attn, remote).eval().requires_grad_(False)
     reward_fn = load_reward(config.reward.kind, config.reward.name, device=device, dtype=dtype,
                             batch_size=config.reward.batch_size, trust_remote_code=remote,

@@ -183,3 +183,13 @@ def test_bonbon_resume_reuses_its_offline_pairs(tmp_path, embedded_reference):
     expected, got = policy_weights(straight), policy_weights(resumed)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, embedded_reference):
+    plain = train(tiny_config(tmp_path / "plain", "steps=1"))
+    checkpointed = train(tiny_config(tmp_path / "ckpt", "steps=1", "model.gradient_checkpointing=true"))
+    expected, got = policy_weights(plain), policy_weights(checkpointed)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(expected[n], load_file(str(embedded_reference / "model.safetensors"))[n])
+               for n in expected)
