@@ -31,6 +31,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15"],
+        "deepspeed": ["deepspeed>=0.15"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["fastbond = fastbond.cli:main"]},

@@ -161,6 +161,10 @@ def load_models(config: TrainConfig, device: torch.device, policy_path: str | Pa
 
 def _distributed():
     """`fastbond.distributed_run`, imported by DeepSpeed runs only (it imports deepspeed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise FastbondError("engine.kind=deepspeed needs the deepspeed package: pip install 'fastbond[deepspeed]'")
     from fastbond import distributed_run
 
     return distributed_run
