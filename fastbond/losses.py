@@ -209,10 +209,9 @@ def vbon_returns(
     n: int,
     smoothing: str = "self",
 ) -> torch.Tensor:
-    """[B] vBoN returns A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1), detached (see `vbon_loss`)."""
-    log_ratio = sequence_logps(policy_logps.detach(), policy_mask) - sequence_logps(ref_logps.detach(), policy_mask)
-    log_cdf = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
-    return log_cdf.to(log_ratio.dtype) - bond_beta(n) * log_ratio
+    """[B] vBoN returns A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1), detached (see `vbon_loss`):
+    BOND-N's returns on the paper's scale, R / (N−1)."""
+    return bond_beta(n) * bond_returns(policy_logps, policy_mask, ref_logps, rewards, ref_rewards, n, smoothing)
 
 
 def bond_loss(
