@@ -109,6 +109,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def prepare_process(config: TrainConfig, device: torch.device, seed: int) -> None:
+    """What every process does before loading models: quiet loaders, threads, seed."""
+    quiet_transformers()
+    set_cpu_threads(config, device)
+    seed_everything(seed)
+
+
 def resolve_model_path(path: str) -> str:
     if path != EMBEDDED:
         return path
@@ -176,10 +183,8 @@ def setup_run(config: TrainConfig) -> Run:
         rank, world, device, ds_config = _distributed().init(config)
     else:
         rank, world, device = 0, 1, resolve_device(config.device)
-    quiet_transformers()
-    set_cpu_threads(config, device)
     # Each rank its own random stream (rollout.sampler=torch draws from it); rank 0 the run's seed.
-    seed_everything(config.seed if rank == 0 else combine_keys(config.seed, rank))
+    prepare_process(config, device, config.seed if rank == 0 else combine_keys(config.seed, rank))
     run_dir = Path(config.run_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
     if config.checkpoint.resume and checkpoint is None:
@@ -407,9 +412,7 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     if not policy_path.is_dir():
         raise FastbondError(f"policy directory not found: {policy_path}")
     device = resolve_device(config.device)
-    quiet_transformers()
-    set_cpu_threads(config, device)
-    seed_everything(config.seed)
+    prepare_process(config, device, config.seed)
     tokenizer, policy, reference, reward_fn = load_models(config, device, policy_path)
     prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
     ctx = Context(config, policy.eval(), reference, tokenizer, reward_fn)
