@@ -15,7 +15,7 @@ from fastbond.errors import FastbondError
 
 
 def _run_lab(argv: list[str]) -> int:
-    from fastbond import lab_experiments
+    from fastbond.lab import experiments as lab_experiments
 
     return lab_experiments.main(argv) or 0
 

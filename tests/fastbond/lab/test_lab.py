@@ -22,8 +22,8 @@ from fastbond.bon import (
     jbond_reward,
     kl_divergence,
 )
-from fastbond.lab import SequenceLab, jeffreys_divergence, make_optimizer, train_jbond
-from fastbond.lab_experiments import main as run_experiments
+from fastbond.lab.exact import SequenceLab, jeffreys_divergence, make_optimizer, train_jbond
+from fastbond.lab.experiments import main as run_experiments
 from fastbond.losses import bond_loss, jbond_loss, vbon_loss
 
 TIES = [0, 3]  # distinct rewards, and rewards on 3 levels (most outcomes tied)

@@ -1,7 +1,7 @@
 """BOND's figures 2 and 4, reproduced on the exact Best-of-N lab.
 
-    python -m fastbond.lab_experiments --out runs/lab          (about a minute on 2 CPU cores)
-    python -m fastbond.lab_experiments --quick --out /tmp/lab  (a few seconds: smoke run)
+    python -m fastbond.lab.experiments --out runs/lab          (about a minute on 2 CPU cores)
+    python -m fastbond.lab.experiments --quick --out /tmp/lab  (a few seconds: smoke run)
 
 Figure 2 (paper §4.2): BOND with N = 8 and the Jeffreys weight β ∈ {0, 0.5, 1},
 trained stochastically with k = 16 Monte-Carlo quantile samples (SPEC §3, §6).
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from fastbond.bon import kl_divergence
-from fastbond.lab import SequenceLab, TrainResult, train_bond
+from fastbond.lab.exact import SequenceLab, TrainResult, train_bond
 
 FIG2_N = 8
 FIG2_BETAS = (0.0, 0.5, 1.0)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastbond import embedded
+from fastbond.embedded import reference as reference_build
 from fastbond.rewards import load_reward
 
 # The response grammar of fastbond.embedded, as a regular expression.
@@ -152,7 +153,7 @@ def test_cache_is_reused_without_rebuilding(embedded_reference, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached reference")
 
-    monkeypatch.setattr(embedded, "_build_into", fail)
+    monkeypatch.setattr(reference_build, "_build_into", fail)
     assert embedded.build_embedded_reference() == embedded_reference
     assert meta.stat().st_mtime_ns == before
 
@@ -162,14 +163,14 @@ def test_a_failed_build_leaves_no_directory(tmp_path, monkeypatch):
         (directory / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedded, "_build_into", crash)
+    monkeypatch.setattr(reference_build, "_build_into", crash)
     with pytest.raises(KeyboardInterrupt):
         embedded.build_embedded_reference(tmp_path, seed=5)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_concurrent_build_that_finished_first_wins(tmp_path, monkeypatch):
-    real_build = embedded._build_into
+    real_build = reference_build._build_into
 
     def build_while_another_finishes(directory, seed, steps, batch_size):
         meta = real_build(directory, seed, steps, batch_size)
@@ -178,7 +179,7 @@ def test_a_concurrent_build_that_finished_first_wins(tmp_path, monkeypatch):
         (other / embedded.META_FILE).write_text("{}")
         return meta
 
-    monkeypatch.setattr(embedded, "_build_into", build_while_another_finishes)
+    monkeypatch.setattr(reference_build, "_build_into", build_while_another_finishes)
     path = embedded.build_embedded_reference(tmp_path, seed=5, steps=2, batch_size=4)
     assert path == tmp_path / f"embedded-{embedded.VERSION}-seed5"
     assert (path / embedded.META_FILE).read_text() == "{}"  # the other build's copy was kept
