@@ -13,7 +13,6 @@ key, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
 import types
 import typing
@@ -23,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from fastbond.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+from fastbond.algorithms.sections import AlgorithmSection, JBondSection
+from fastbond.checks import at_least, finite, one_of, positive, require
 from fastbond.errors import FastbondError
 
 EMBEDDED = "embedded"  # the built-in tiny model / prompts / reward, made locally
-ALGORITHMS = ("jbond", "bond", "iterative_bond", "vbon", "bonbon", "rloo")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
 SHARDINGS = ("auto", "zero3", "replicated")
 GATHERS = ("auto", "full", "per_layer")
@@ -58,18 +59,6 @@ class DataConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    name: str = "jbond"
-    beta: float = 0.5  # Jeffreys weight: 0 forward KL, 1 backward KL
-    gamma: float = 0.0  # extra KL(π ‖ π_anc) weight (J-BOND)
-    n: int = 8  # BOND-N's N, iterative BOND's n, BoNBoN's n, vBoN's N
-    mc_samples: int = 16  # k reference samples for Monte-Carlo quantiles
-    anchor_period: int = 50  # iterative BOND: steps between hard anchor updates
-    beta_rl: float = 0.01  # REINFORCE's KL-regularization strength
-    bonbon_alpha: float = 0.005  # BoNBoN's SFT weight
-
-
-@dataclass
 class OptimConfig:
     lr: float = 3e-6
     weight_decay: float = 0.0
@@ -84,11 +73,6 @@ class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
     sampler: str = "torch"  # torch (generate's sampling) | keyed (Gumbel-max, same draws on any number of ranks)
-
-
-@dataclass
-class AnchorConfig:
-    eta: float = 0.02  # EMA rate: θ_anc ← (1−η) θ_anc + η θ
 
 
 @dataclass
@@ -139,10 +123,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # The chosen algorithm's section (`fastbond.algorithms.sections`), picked by algorithm.name.
+    algorithm: AlgorithmSection = field(default_factory=JBondSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -199,6 +183,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise FastbondError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
+# Keys that moved, by their old dotted name: an old config gets a pointer instead of a guess.
+MOVED_KEYS = {
+    "anchor": "config section 'anchor' has moved: anchor.eta is now algorithm.eta (J-BOND's anchor EMA rate)",
+    "algorithm.bonbon_alpha": "config key 'algorithm.bonbon_alpha' has moved: use algorithm.alpha (algorithm.name=bonbon)",
+}
+
+
+def _unknown_key(key: str, name: str, known: list[str], prefix: str) -> FastbondError:
+    if key in MOVED_KEYS:
+        return FastbondError(MOVED_KEYS[key])
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return FastbondError(f"unknown config key '{key}'{hint}")
+
+
+def _algorithm_section(values: Any, key: str) -> AlgorithmSection:
+    """The section of the algorithm `values["name"]` names; a key it does not use is an error naming it."""
+    if not isinstance(values, dict):
+        raise FastbondError(f"config key '{key}' must be a section (a mapping), got {values!r}")
+    name = values.get("name", DEFAULT_ALGORITHM)
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise FastbondError(f"config key '{key}.name' must be one of {', '.join(ALGORITHMS)}; got {name!r}")
+    section = ALGORITHMS[name].section
+    own = [f.name for f in dataclasses.fields(section)]
+    for item in values:
+        if item in own:
+            continue
+        dotted = f"{key}.{item}"
+        if dotted in MOVED_KEYS:
+            raise FastbondError(MOVED_KEYS[dotted])
+        users = [other for other, entry in ALGORITHMS.items()
+                 if item in {f.name for f in dataclasses.fields(entry.section)}]
+        keys = ", ".join(k for k in own if k != "name")
+        if users:
+            raise FastbondError(f"config key '{dotted}' is not used by algorithm {name} (it is {'/'.join(users)}'s); "
+                                f"{name} takes: {keys}")
+        close = difflib.get_close_matches(str(item), own, n=1)
+        hint = f" (did you mean '{key}.{close[0]}'?)" if close else ""
+        raise FastbondError(f"unknown config key '{dotted}' for algorithm {name}{hint}; it takes: {keys}")
+    return _build(section, values, prefix=f"{key}.")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -206,11 +232,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise FastbondError(f"unknown config key '{key}'{hint}")
+            raise _unknown_key(key, str(name), list(known), prefix)
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if tp is AlgorithmSection:
+            kwargs[name] = _algorithm_section(value, key)
+        elif dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise FastbondError(f"config key '{key}' must be a section (a mapping), got {value!r}")
             kwargs[name] = _build(tp, value, prefix=f"{key}.")
@@ -276,17 +302,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def _choose_algorithm(tree: dict[str, Any], overrides: dict[str, Any]) -> str | None:
+    """Config-group semantics for `algorithm`: an override naming another algorithm than the
+    file's starts that algorithm from its own defaults, since the file's keys were written for
+    its own algorithm. Drops them from `tree`; returns a note saying so, or None."""
+    chosen = overrides.get("algorithm", {}).get("name") if isinstance(overrides.get("algorithm"), dict) else None
+    section = tree.get("algorithm")
+    if chosen is None or not isinstance(section, dict):
+        return None
+    written_for = section.get("name", DEFAULT_ALGORITHM)
+    if written_for == chosen:
+        return None
+    dropped = [f"algorithm.{key}" for key in section if key != "name"]
+    tree["algorithm"] = {}
+    if not dropped:
+        return None
+    return f"algorithm.name={chosen}: the config file's {written_for} settings do not apply ({', '.join(dropped)})"
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, check_paths: bool = True
+    path: str | Path | None = None, overrides: list[str] | None = None, check_paths: bool = True,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
     """The validated config of a run: defaults ← YAML file ← dotted overrides.
 
     `check_paths=False` skips the checks that model and data paths exist, for
     commands that only read the config (`fastbond plan` on another machine).
+    An override `algorithm.name=X` with a file written for another algorithm
+    runs X from its own defaults plus the overrides' `algorithm.*` keys; the
+    note saying what was dropped goes to `notes` when given.
     """
     tree = read_yaml(path) if path is not None else {}
-    tree = _merge(tree, parse_overrides(overrides or []))
-    config = _build(TrainConfig, tree)
+    override_tree = parse_overrides(overrides or [])
+    note = _choose_algorithm(tree, override_tree)
+    if note and notes is not None:
+        notes.append(note)
+    config = _build(TrainConfig, _merge(tree, override_tree))
     validate(config, check_paths=check_paths)
     return config
 
@@ -308,32 +359,15 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 # ranges and cross-field rules
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise FastbondError(message)
-
-
-def _in_unit_interval(key: str, value: float) -> None:
-    _require(0.0 <= value <= 1.0, f"config key '{key}' must lie in [0, 1], got {value}")
-
-
-def _positive(key: str, value: float) -> None:
-    _require(value > 0, f"config key '{key}' must be > 0, got {value}")
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, f"config key '{key}' must be one of {', '.join(choices)}; got '{value}'")
-
-
 def _existing_path(key: str, value: str) -> None:
     if value != EMBEDDED:
-        _require(Path(value).exists(), f"config key '{key}': path not found: {value}")
+        require(Path(value).exists(), f"config key '{key}': path not found: {value}")
 
 
 def _model_directory(key: str, value: str) -> None:
     _existing_path(key, value)
     if value != EMBEDDED:
-        _require(
+        require(
             (Path(value) / "config.json").is_file(),
             f"config key '{key}': {value} is not a transformers model directory (no config.json)",
         )
@@ -341,18 +375,18 @@ def _model_directory(key: str, value: str) -> None:
 
 def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
     """The engine section alone: stages, offload and the DeepSpeed override file."""
-    _one_of("engine.kind", engine.kind, ENGINES)
-    _require(engine.zero_stage in (0, 1, 2, 3), f"config key 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
-    _require(
+    one_of("engine.kind", engine.kind, ENGINES)
+    require(engine.zero_stage in (0, 1, 2, 3), f"config key 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
+    require(
         not engine.offload_params or engine.zero_stage == 3,
         f"config key 'engine.offload_params' needs engine.zero_stage=3, got {engine.zero_stage}",
     )
-    _require(
+    require(
         not engine.offload_optimizer or engine.zero_stage >= 1,
         "config key 'engine.offload_optimizer' needs engine.zero_stage >= 1, got 0",
     )
-    _one_of("engine.reference_sharding", engine.reference_sharding, SHARDINGS)
-    _one_of("engine.generation_gather", engine.generation_gather, GATHERS)
+    one_of("engine.reference_sharding", engine.reference_sharding, SHARDINGS)
+    one_of("engine.generation_gather", engine.generation_gather, GATHERS)
     if engine.kind == "torch":
         # Every one of these only means something to DeepSpeed; silently ignoring them would
         # run a different job from the one asked for.
@@ -360,55 +394,46 @@ def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
             ("zero_stage", engine.zero_stage), ("offload_optimizer", engine.offload_optimizer),
             ("offload_params", engine.offload_params), ("deepspeed_config", engine.deepspeed_config),
         ):
-            _require(not value, f"config key 'engine.{key}' needs engine.kind=deepspeed (or auto under a deepspeed launch)")
+            require(not value, f"config key 'engine.{key}' needs engine.kind=deepspeed (or auto under a deepspeed launch)")
     if engine.deepspeed_config is not None:
-        _require(engine.deepspeed_config.endswith(".json"),
-                 f"config key 'engine.deepspeed_config' must name a .json file, got '{engine.deepspeed_config}'")
+        require(engine.deepspeed_config.endswith(".json"),
+                f"config key 'engine.deepspeed_config' must name a .json file, got '{engine.deepspeed_config}'")
         if check_paths:
-            _require(Path(engine.deepspeed_config).is_file(),
-                     f"config key 'engine.deepspeed_config': file not found: {engine.deepspeed_config}")
+            require(Path(engine.deepspeed_config).is_file(),
+                    f"config key 'engine.deepspeed_config': file not found: {engine.deepspeed_config}")
 
 
 def validate(config: TrainConfig, check_paths: bool = True) -> None:
     """Range and consistency checks; raises FastbondError naming the key."""
-    algo = config.algorithm
-    _one_of("algorithm.name", algo.name, ALGORITHMS)
-    _in_unit_interval("algorithm.beta", algo.beta)
-    _require(algo.gamma >= 0, f"config key 'algorithm.gamma' must be >= 0, got {algo.gamma}")
-    _require(algo.n >= 2, f"config key 'algorithm.n' must be >= 2, got {algo.n}")
-    _require(algo.mc_samples >= 1, f"config key 'algorithm.mc_samples' must be >= 1, got {algo.mc_samples}")
-    _require(algo.anchor_period >= 1, f"config key 'algorithm.anchor_period' must be >= 1, got {algo.anchor_period}")
-    _require(algo.beta_rl >= 0, f"config key 'algorithm.beta_rl' must be >= 0, got {algo.beta_rl}")
-    _in_unit_interval("algorithm.bonbon_alpha", algo.bonbon_alpha)
-    _in_unit_interval("anchor.eta", config.anchor.eta)
+    config.algorithm.check()
 
-    _positive("optim.lr", config.optim.lr)
-    _require(math.isfinite(config.optim.lr), f"config key 'optim.lr' must be finite, got {config.optim.lr}")
-    _require(config.optim.weight_decay >= 0, "config key 'optim.weight_decay' must be >= 0")
+    positive("optim.lr", config.optim.lr)
+    finite("optim.lr", config.optim.lr)
+    at_least("optim.weight_decay", config.optim.weight_decay, 0)
     for i, b in enumerate(config.optim.betas):
-        _require(0.0 <= b < 1.0, f"config key 'optim.betas[{i}]' must lie in [0, 1), got {b}")
-    _require(config.optim.warmup_steps >= 0, "config key 'optim.warmup_steps' must be >= 0")
-    _positive("optim.max_grad_norm", config.optim.max_grad_norm)
+        require(0.0 <= b < 1.0, f"config key 'optim.betas[{i}]' must lie in [0, 1), got {b}")
+    at_least("optim.warmup_steps", config.optim.warmup_steps, 0)
+    positive("optim.max_grad_norm", config.optim.max_grad_norm)
 
-    _positive("rollout.batch_size", config.rollout.batch_size)
-    _positive("rollout.max_new_tokens", config.rollout.max_new_tokens)
-    _positive("rollout.temperature", config.rollout.temperature)
-    _one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
-    _positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
-    _positive("reward.batch_size", config.reward.batch_size)
-    _positive("steps", config.steps)
-    _require(config.cpu_threads >= 0, f"config key 'cpu_threads' must be >= 0, got {config.cpu_threads}")
-    _positive("logging.every", config.logging.every)
-    _require(config.checkpoint.every >= 0, "config key 'checkpoint.every' must be >= 0")
-    _positive("checkpoint.keep", config.checkpoint.keep)
+    positive("rollout.batch_size", config.rollout.batch_size)
+    positive("rollout.max_new_tokens", config.rollout.max_new_tokens)
+    positive("rollout.temperature", config.rollout.temperature)
+    one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
+    positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
+    positive("reward.batch_size", config.reward.batch_size)
+    positive("steps", config.steps)
+    at_least("cpu_threads", config.cpu_threads, 0)
+    positive("logging.every", config.logging.every)
+    at_least("checkpoint.every", config.checkpoint.every, 0)
+    positive("checkpoint.keep", config.checkpoint.keep)
 
-    _positive("evaluation.max_prompts", config.evaluation.max_prompts)
-    _positive("evaluation.policy_samples", config.evaluation.policy_samples)
-    _positive("evaluation.reference_samples", config.evaluation.reference_samples)
-    _one_of("model.dtype", config.model.dtype, DTYPES)
-    _one_of("reward.kind", config.reward.kind, ("builtin", "callable", "model"))
-    _one_of("on_nonfinite", config.on_nonfinite, ("skip", "stop"))
-    _require(
+    positive("evaluation.max_prompts", config.evaluation.max_prompts)
+    positive("evaluation.policy_samples", config.evaluation.policy_samples)
+    positive("evaluation.reference_samples", config.evaluation.reference_samples)
+    one_of("model.dtype", config.model.dtype, DTYPE_NAMES)
+    one_of("reward.kind", config.reward.kind, ("builtin", "callable", "model"))
+    one_of("on_nonfinite", config.on_nonfinite, ("skip", "stop"))
+    require(
         config.device == "auto" or config.device == "cpu" or config.device.startswith("cuda"),
         f"config key 'device' must be auto, cpu or cuda[:N], got '{config.device}'",
     )
@@ -422,4 +447,4 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
         if config.reward.kind == "model":
             _existing_path("reward.name", config.reward.name)
     if config.reward.kind == "callable":
-        _require(":" in config.reward.name, f"config key 'reward.name' must look like module:function, got '{config.reward.name}'")
+        require(":" in config.reward.name, f"config key 'reward.name' must look like module:function, got '{config.reward.name}'")
