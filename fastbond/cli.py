@@ -2,16 +2,22 @@
 
 Subcommands import their modules lazily so `fastbond --help` is instant and
 a missing optional dependency only matters for the command that needs it.
-A `FastbondError` (a user's mistake) prints one line and exits with status 2.
+
+How a failure is shown (`fastbond.errors`): a `FastbondError` (a user's
+mistake) prints one line and exits with status 2; the user's own code failing
+(`UserCodeError`, or any exception inside a training step) prints its
+traceback and exits with status 1; a failed step adds what was saved and how
+to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from fastbond import __version__
-from fastbond.errors import FastbondError
+from fastbond.errors import FastbondError, StepFailed, UserCodeError
 
 
 def _run_lab(argv: list[str]) -> int:
@@ -24,12 +30,13 @@ TRAIN_EPILOG = """\
 examples:
   fastbond train                                  # the embedded default: a tiny LM, built locally, ~minutes on CPU
   fastbond train examples/gemma-2b-jbond.yaml     # a real run
-  fastbond train run.yaml algorithm.beta=0.5 anchor.eta=0.05 optim.lr=3e-6
+  fastbond train run.yaml algorithm.beta=0.5 algorithm.eta=0.05 optim.lr=3e-6
+  fastbond train algorithm.name=rloo algorithm.beta_rl=0.05   # another algorithm, from its own defaults
   fastbond train run.yaml checkpoint.resume=true  # continue from the run directory's latest checkpoint
   deepspeed --num_gpus 8 --module fastbond train examples/gemma-7b-zero3.yaml   # DeepSpeed ZeRO over 8 GPUs
 
-config sections: model, reward, data, algorithm, optim, rollout, anchor, engine, logging, checkpoint, evaluation
-(see fastbond/config.py or the README for every key and its default)
+config sections: model, reward, data, algorithm, optim, rollout, engine, logging, checkpoint, evaluation
+(every key and its default: docs/config.md; the algorithm section's keys depend on algorithm.name)
 """
 
 
@@ -64,10 +71,13 @@ def _run_train(argv: list[str]) -> int:
     path, overrides = _split_config_args(args)
     if path is None:
         path = embedded_preset()
-    config = load_config(path, overrides)
+    notes: list[str] = []
+    config = load_config(path, overrides, notes=notes)
+    for note in notes:
+        print(f"fastbond train: note: {note}", file=sys.stderr)
     # Imported only once the config is valid: a mistake in it is reported
     # at once, without waiting for torch and transformers to import.
-    from fastbond.trainer import train
+    from fastbond.train import train
 
     train(config)
     return 0
@@ -84,7 +94,7 @@ def _run_eval(argv: list[str]) -> int:
                         help="config overrides, e.g. evaluation.max_prompts=512 data.eval_prompts=held_out.jsonl")
     parser.add_argument("--policy", help="policy directory to judge (default: RUN_DIR/policy)")
     args = parser.parse_args(argv)
-    from fastbond.trainer import evaluate_run
+    from fastbond.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, args.overrides, args.policy)
     return 0
@@ -166,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except FastbondError as error:
         print(f"fastbond {argv[0]}: error: {error}", file=sys.stderr)
         return 2
+    except StepFailed as failure:
+        traceback.print_exception(failure.__cause__)
+        print(f"fastbond {argv[0]}: error: step {failure.step} failed (traceback above); {failure.note}",
+              file=sys.stderr)
+        return 1
+    except UserCodeError as error:
+        traceback.print_exception(error)
+        print(f"fastbond {argv[0]}: error: {error} (traceback above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fastbond {argv[0]}: interrupted", file=sys.stderr)
         return 130

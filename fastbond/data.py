@@ -93,3 +93,27 @@ class PromptStream:
         self.epoch = int(state["epoch"])
         self.offset = int(state["offset"])
         self._order = self._shuffled(self.epoch)
+
+
+def resolve_prompts(path: str, split: str) -> list[str]:
+    """The prompts of config `data.prompts` / `data.eval_prompts`; "embedded" is the embedded world's split."""
+    from fastbond.config import EMBEDDED
+
+    if path != EMBEDDED:
+        return read_prompts(path)
+    from fastbond.embedded import prompt_splits
+
+    train_prompts, eval_prompts = prompt_splits()
+    return train_prompts if split == "train" else eval_prompts
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], limit: int, source: str) -> None:
+    """Every prompt within data.max_prompt_tokens, checked before the first step."""
+    for start in range(0, len(prompts), 512):
+        chunk = prompts[start : start + 512]
+        lengths = [len(ids) for ids in tokenizer(chunk, add_special_tokens=True)["input_ids"]]
+        for offset, length in enumerate(lengths):
+            if length > limit:
+                raise FastbondError(
+                    f"{source}: prompt {start + offset + 1} has {length} tokens, over data.max_prompt_tokens={limit}"
+                )

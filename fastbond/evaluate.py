@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from fastbond.bon import bon_kl_bound
+from fastbond.errors import FastbondError
 from fastbond.logprobs import response_logprobs
 from fastbond.rollout import encode_prompts, sample
 
 BON_SIZES = (1, 2, 4, 8, 16)
+EVAL_FILE = "eval.json"
 
 
 def expected_max_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
@@ -110,3 +112,55 @@ def format_evaluation(result: dict) -> str:
     for n, row in result["bon"].items():
         lines.append(f"  {n:<4} {row['reward']:8.3f}  {row['kl_bound']:8.3f}")
     return "\n".join(lines)
+
+
+def evaluate_models(models, config, prompts: list[str]) -> dict:
+    """`evaluate` of a run's models (`fastbond.engines.Models`) as the run's config says."""
+    evaluation = config.evaluation
+    return evaluate(
+        models.policy, models.reference, models.tokenizer, models.reward_fn, prompts,
+        max_new_tokens=config.rollout.max_new_tokens, max_prompt_tokens=config.data.max_prompt_tokens,
+        temperature=config.rollout.temperature, policy_samples=evaluation.policy_samples,
+        reference_samples=evaluation.reference_samples, batch_size=config.rollout.batch_size,
+    )
+
+
+def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = None) -> dict:
+    """`fastbond eval RUN_DIR`: judge RUN_DIR/policy (or `policy_path`) as the run was configured."""
+    import json
+    from pathlib import Path
+
+    from fastbond.config import load_config
+    from fastbond.data import resolve_prompts
+    from fastbond.engines import Models
+    from fastbond.models import (
+        compute_dtype,
+        load_frozen,
+        load_policy,
+        load_run_reward,
+        load_tokenizer,
+        model_sources,
+        resolve_device,
+    )
+    from fastbond.process import prepare_process
+
+    run_path = Path(run_dir)
+    if not (run_path / "config.yaml").is_file():
+        raise FastbondError(f"{run_path} is not a run directory (no config.yaml)")
+    config = load_config(run_path / "config.yaml", list(overrides) + ["checkpoint.resume=false"])
+    policy_dir = Path(policy_path) if policy_path else run_path / "policy"
+    if not policy_dir.is_dir():
+        raise FastbondError(f"policy directory not found: {policy_dir}")
+    device = resolve_device(config.device)
+    prepare_process(config, device, config.seed)
+    policy_source, reference_source = model_sources(config)
+    dtype = compute_dtype(config)
+    tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
+    models = Models(tokenizer, load_policy(config, policy_dir, torch.float32, device).eval(),
+                    load_frozen(config, reference_source, dtype, device),
+                    load_run_reward(config, tokenizer, device, dtype))
+    prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    result = evaluate_models(models, config, prompts)
+    (run_path / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    print(format_evaluation(result))
+    return result

@@ -1,21 +1,33 @@
 """The BOND family of objectives on token log-probs, in plain PyTorch.
 
-These functions are the oracles the fused kernels are tested against: short,
-literal transcriptions of SPEC §5-§6. Each takes padded token log-probs
-`[B, T]` with boolean-or-0/1 masks `[B, T]` (a sequence log-prob is the masked
-sum over its response tokens) and returns `(loss, metrics)`; `loss` is a
-scalar to minimize, `metrics` a dict of detached scalar tensors.
+These functions are the oracles the trainer's objectives are checked against:
+short, literal transcriptions of SPEC §5-§6. Each takes padded token
+log-probs `[B, T]` with boolean-or-0/1 masks `[B, T]` (a sequence log-prob is
+the masked sum over its response tokens) and returns `(loss, metrics)`;
+`loss` is a scalar to minimize, `metrics` a dict of detached scalar tensors.
+
+J-BOND's reference lives beside its fused kernel (`fastbond.kernels.jbond_loss`,
+re-exported here as `jbond_loss`), with the helpers every objective shares
+(`fastbond.kernels.sequences`): the kernels never import this module.
 
 Surrogate losses: every loss below is built so that its *gradient* is the
 estimator of the paper (stop-gradients written `sg` in SPEC). Its value is not
 the divergence itself; the divergences are reported in the metrics.
+
+Returns (what a leave-one-out baseline averages) are computed in one place
+per objective: `jbond_returns`, `bond_returns` (vBoN's are BOND-N's on the
+paper's scale, `vbon_returns`). A loss given `batch_sum` (its rows are one
+rank's share of a batch) takes the baseline over the whole batch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastbond.bon import bond_beta, bonbon_beta, jbond_reward, mc_quantile
+from fastbond.bon import bond_beta, bonbon_beta, mc_quantile
+from fastbond.kernels.jbond_loss import jbond_loss_ref as jbond_loss
+from fastbond.kernels.jbond_loss import jbond_returns
+from fastbond.kernels.sequences import BatchSum, batch_total, leave_one_out_baseline, sequence_logps
 
 __all__ = [
     "sequence_logps",
@@ -31,49 +43,12 @@ __all__ = [
 ]
 
 
-def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t mask · log π(y_t | …) over the last axis, in float32 at least.
-
-    `where` rather than multiply: padded positions may hold −inf or NaN (a
-    masked-out logit), and 0 · −inf would poison the sum.
-    """
-    if token_logps.shape != mask.shape:
-        raise ValueError(f"log-probs {tuple(token_logps.shape)} and mask {tuple(mask.shape)} differ in shape")
-    values = token_logps.float() if token_logps.dtype in (torch.float16, torch.bfloat16) else token_logps
-    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum(-1)
-
-
-def leave_one_out_baseline(
-    returns: torch.Tensor,
-    dim: int = 0,
-    total: torch.Tensor | float | None = None,
-    count: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """For each element, the mean of the *other* elements along `dim` (0 if alone).
-
-    The baseline of sample i must not depend on sample i, or the policy
-    gradient becomes biased; the leave-one-out mean is the cheapest such.
-
-    `total` and `count` (1-D `returns` only) make the baseline one over a
-    larger batch this one is a part of: the sum of all its returns and their
-    number, e.g. all-reduced over the ranks that each hold a share. By
-    default the batch is `returns` itself.
-    """
-    if total is None:
-        total, count = returns.sum(dim=dim, keepdim=True), returns.shape[dim]
-    elif count is None or returns.dim() != 1:
-        raise ValueError("a batch-wide baseline needs 1-D returns, the batch's total and its count")
-    else:
-        total = torch.as_tensor(total, dtype=returns.dtype, device=returns.device)
-    if int(count) == 1:
-        return torch.zeros_like(returns)
-    return (total - returns) / (count - 1)
-
-
-def _baseline(returns: torch.Tensor, baseline_sum, baseline_count) -> torch.Tensor:
-    if (baseline_sum is None) != (baseline_count is None):
-        raise ValueError("baseline_sum and baseline_count go together")
-    return leave_one_out_baseline(returns, total=baseline_sum, count=baseline_count)
+def _baseline(returns: torch.Tensor, batch_sum: BatchSum | None) -> torch.Tensor:
+    """Leave-one-out baseline over these rows, or over the whole batch they are a share of."""
+    if batch_sum is None:
+        return leave_one_out_baseline(returns)
+    total, count = batch_total(returns, batch_sum)
+    return leave_one_out_baseline(returns, total=total, count=count)
 
 
 def _check_batch(name: str, tensor: torch.Tensor, batch: int, ndim: int = 1) -> None:
@@ -99,119 +74,20 @@ def _log_quantiles(loss_name, given_name, given, rewards, ref_rewards, batch: in
     return given
 
 
-def jbond_returns(
-    policy_logps: torch.Tensor,
-    policy_mask: torch.Tensor,
-    anchor_logps: torch.Tensor,
-    rewards: torch.Tensor,
-    anchor_rewards: torch.Tensor,
-) -> torch.Tensor:
-    """[B] J-BOND returns R = r_J(y) − (ℓ − a), detached: what the leave-one-out baseline averages."""
-    policy_seq = sequence_logps(policy_logps.detach(), policy_mask)
-    log_ratio = policy_seq - sequence_logps(anchor_logps.detach(), policy_mask)
-    return jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype) - log_ratio
+def bond_returns(policy_seq: torch.Tensor, ref_seq: torch.Tensor, log_quantiles: torch.Tensor, n: int) -> torch.Tensor:
+    """[B] BOND-N returns R = (N−1)·log p̂≤(y) − (ℓ − log π_ref(y)), detached (see `bond_loss`).
 
-
-def jbond_loss(
-    policy_logps: torch.Tensor,
-    policy_mask: torch.Tensor,
-    best_anchor_logps: torch.Tensor,
-    best_anchor_mask: torch.Tensor,
-    anchor_logps: torch.Tensor,
-    rewards: torch.Tensor,
-    anchor_rewards: torch.Tensor,
-    beta: float = 0.5,
-    gamma: float = 0.0,
-    baseline_sum: torch.Tensor | float | None = None,
-    baseline_count: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """J-BOND surrogate loss, SPEC §5 step 6 (BOND paper, Algorithm 2).
-
-        ℓ = log π_t(y),  a = log π_anc(y),  ℓ₂ = log π_t(y_bo2)
-        R = r_J(y) − (ℓ − a),   b = leave-one-out mean of R over the batch
-        L = mean[ (1−β)·(−ℓ₂)  +  β·(−sg(R − b)·ℓ)  +  γ·sg(ℓ − a)·ℓ ]
-
-    The γ term is the gradient of KL(π ‖ π_anc) (eq. 19); Algorithm 2 prints it
-    with the opposite sign, which would push the policy *away* from the anchor.
-
-    Args:
-        policy_logps:      [B, T] log π_t of the policy sample's tokens (with grad).
-        policy_mask:       [B, T] its response mask.
-        best_anchor_logps: [B, T'] log π_t of the better anchor sample's tokens (with grad).
-        best_anchor_mask:  [B, T'] its response mask.
-        anchor_logps:      [B, T] log π_anc of the policy sample's tokens (no grad; masked by policy_mask).
-        rewards:           [B] reward of the policy sample.
-        anchor_rewards:    [B, 2] rewards of the two anchor samples.
-        beta:  Jeffreys weight in [0, 1]: 0 = forward KL only, 1 = backward KL only.
-        gamma: weight ≥ 0 of the extra KL(π ‖ π_anc) regularizer.
-        baseline_sum, baseline_count: when these rows are one rank's share of a
-            larger batch, the sum of the returns R over the whole batch and its
-            size, so the leave-one-out baseline is the whole batch's (see
-            `jbond_returns`). Default: the baseline over these rows.
+    `policy_seq`, `ref_seq`: sequence log-probs of the policy sample under π and π_ref;
+    `log_quantiles`: r_BOND ≈ log p̂≤ of its reward.
     """
-    _check_unit_interval("beta", beta)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    batch = policy_logps.shape[0]
-    _check_batch("rewards", rewards, batch)
-    _check_batch("anchor_rewards", anchor_rewards, batch, ndim=2)
-
-    policy_seq = sequence_logps(policy_logps, policy_mask)
-    best_anchor_seq = sequence_logps(best_anchor_logps, best_anchor_mask)
-    anchor_seq = sequence_logps(anchor_logps.detach(), policy_mask)
-
-    log_ratio = policy_seq.detach() - anchor_seq  # sample estimate of KL(π ‖ π_anc)
-    jbond_rewards = jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype)
-    returns = jbond_rewards - log_ratio
-    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
-
-    forward_term = -best_anchor_seq
-    backward_term = -advantages * policy_seq
-    anchor_kl_term = log_ratio * policy_seq
-    loss = ((1.0 - beta) * forward_term + beta * backward_term + gamma * anchor_kl_term).mean()
-
-    metrics = {
-        "loss": loss.detach(),
-        "forward_term": forward_term.detach().mean(),
-        "backward_term": backward_term.detach().mean(),
-        "kl_anchor": log_ratio.mean(),
-        "frac_worse_than_both": (jbond_rewards < 0).float().mean(),
-        "jbond_reward": jbond_rewards.mean(),
-        "return_mean": returns.mean(),
-        "advantage_std": advantages.std(unbiased=False),
-        "policy_logp": policy_seq.detach().mean(),
-        "best_anchor_logp": best_anchor_seq.detach().mean(),
-    }
-    return loss, metrics
+    log_ratio = policy_seq.detach() - ref_seq.detach()
+    return (1.0 / bond_beta(n)) * log_quantiles.detach().to(log_ratio.dtype) - log_ratio
 
 
-def bond_returns(
-    policy_logps: torch.Tensor,
-    policy_mask: torch.Tensor,
-    ref_logps: torch.Tensor,
-    rewards: torch.Tensor,
-    ref_rewards: torch.Tensor,
-    n: int,
-    smoothing: str = "self",
-) -> torch.Tensor:
-    """[B] BOND-N returns R = (N−1)·log p̂≤(y) − (ℓ − log π_ref(y)), detached (see `bond_loss`)."""
-    log_ratio = sequence_logps(policy_logps.detach(), policy_mask) - sequence_logps(ref_logps.detach(), policy_mask)
-    log_quantile = torch.log(mc_quantile(rewards, ref_rewards, smoothing=smoothing))
-    return (1.0 / bond_beta(n)) * log_quantile.to(log_ratio.dtype) - log_ratio
-
-
-def vbon_returns(
-    policy_logps: torch.Tensor,
-    policy_mask: torch.Tensor,
-    ref_logps: torch.Tensor,
-    rewards: torch.Tensor,
-    ref_rewards: torch.Tensor,
-    n: int,
-    smoothing: str = "self",
-) -> torch.Tensor:
+def vbon_returns(policy_seq: torch.Tensor, ref_seq: torch.Tensor, log_cdf: torch.Tensor, n: int) -> torch.Tensor:
     """[B] vBoN returns A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1), detached (see `vbon_loss`):
     BOND-N's returns on the paper's scale, R / (N−1)."""
-    return bond_beta(n) * bond_returns(policy_logps, policy_mask, ref_logps, rewards, ref_rewards, n, smoothing)
+    return bond_beta(n) * bond_returns(policy_seq, ref_seq, log_cdf, n)
 
 
 def bond_loss(
@@ -226,8 +102,7 @@ def bond_loss(
     beta: float = 0.5,
     smoothing: str = "self",
     bond_rewards: torch.Tensor | None = None,
-    baseline_sum: torch.Tensor | float | None = None,
-    baseline_count: int | None = None,
+    batch_sum: BatchSum | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BOND-N: Jeffreys divergence to BoN_N(π_ref) (SPEC §3, §6; paper eqs. 11-15).
 
@@ -249,11 +124,10 @@ def bond_loss(
         ref_logps:   [B, T] log π_ref of the policy sample (no grad; masked by policy_mask).
         rewards:     [B] reward of the policy sample (unused with `bond_rewards`).
         ref_rewards: [B, k] rewards of k reference samples (unused with `bond_rewards`).
-        baseline_sum, baseline_count: the whole batch's Σ R and size when these rows are
-            one rank's share (`bond_returns`), as in `jbond_loss`.
+        batch_sum: these rows are one rank's share of a larger batch; a function summing a
+            tensor over every share (e.g. an all-reduce): the baseline is the whole batch's.
     """
     _check_unit_interval("beta", beta)
-    n_minus_1 = 1.0 / bond_beta(n)
     batch = policy_logps.shape[0]
     policy_seq = sequence_logps(policy_logps, policy_mask)
     best_ref_seq = sequence_logps(best_ref_logps, best_ref_mask)
@@ -262,8 +136,8 @@ def bond_loss(
     bond_rewards = _log_quantiles("bond_loss", "bond_rewards", bond_rewards, rewards, ref_rewards, batch, smoothing)
 
     log_ratio = policy_seq.detach() - ref_seq
-    returns = n_minus_1 * bond_rewards.to(log_ratio.dtype) - log_ratio
-    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
+    returns = bond_returns(policy_seq, ref_seq, bond_rewards, n)
+    advantages = returns - _baseline(returns, batch_sum)
 
     forward_term = -best_ref_seq
     backward_term = -advantages * policy_seq
@@ -288,8 +162,7 @@ def vbon_loss(
     n: int,
     smoothing: str = "self",
     log_cdf: torch.Tensor | None = None,
-    baseline_sum: torch.Tensor | float | None = None,
-    baseline_count: int | None = None,
+    batch_sum: BatchSum | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """vBoN (Amini et al. 2024): maximize E_π[log F(r(y))] − 1/(N−1)·KL(π ‖ π_ref).
 
@@ -300,8 +173,7 @@ def vbon_loss(
         A = log F(r(y)) − (ℓ − log π_ref(y))/(N−1),  L = −mean[sg(A − b)·ℓ]
 
     Its gradient is exactly 1/(N−1) times that of `bond_loss` with β = 1: the
-    same objective on the scale of the paper. `baseline_sum` / `baseline_count`:
-    the whole batch's Σ A and size when these rows are one rank's share (`vbon_returns`).
+    same objective on the scale of the paper. `batch_sum`: as in `bond_loss`.
     """
     batch = policy_logps.shape[0]
     policy_seq = sequence_logps(policy_logps, policy_mask)
@@ -309,8 +181,8 @@ def vbon_loss(
     log_cdf = _log_quantiles("vbon_loss", "log_cdf", log_cdf, rewards, ref_rewards, batch, smoothing)
 
     log_ratio = policy_seq.detach() - ref_seq
-    returns = log_cdf.to(log_ratio.dtype) - bond_beta(n) * log_ratio
-    advantages = returns - _baseline(returns, baseline_sum, baseline_count)
+    returns = vbon_returns(policy_seq, ref_seq, log_cdf, n)
+    advantages = returns - _baseline(returns, batch_sum)
     loss = (-advantages * policy_seq).mean()
     metrics = {
         "loss": loss.detach(),

@@ -1,6 +1,10 @@
-"""Loading the policy, the reference and their tokenizer (transformers), and the
-two facts the fused log-prob path needs from a causal LM: its final hidden
-states and its LM head (with the model's soft-cap).
+"""Loading the models of a run (transformers), and the two facts the fused
+log-prob path needs from a causal LM: its final hidden states and its LM head
+(with the model's soft-cap).
+
+The run-level loaders (`model_sources`, `load_policy`, `load_frozen`,
+`load_run_reward`) are what every engine composes: one process places the
+models on its device, DeepSpeed partitions them after loading.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from torch import nn
 
 from fastbond.errors import FastbondError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config `model.dtype` → torch dtype
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +85,54 @@ def load_causal_lm(
     except (OSError, ValueError) as error:
         raise FastbondError(f"cannot load a causal LM from {path}: {str(error).splitlines()[0]}") from None
     return model.to(device)
+
+
+def compute_dtype(config) -> torch.dtype:
+    """The torch dtype of config `model.dtype`: anchor, reference and (under DeepSpeed) policy weights."""
+    return TORCH_DTYPES[config.model.dtype]
+
+
+def resolve_model_path(path: str) -> str:
+    """A model directory as written in the config; "embedded" builds (or reuses) the embedded π_ref."""
+    from fastbond.config import EMBEDDED
+
+    if path != EMBEDDED:
+        return path
+    from fastbond.embedded import build_embedded_reference
+
+    return str(build_embedded_reference())
+
+
+def model_sources(config) -> tuple[str, str]:
+    """(initial policy, π_ref) directories of a run; π_ref defaults to the initial policy."""
+    policy = resolve_model_path(config.model.policy)
+    reference = resolve_model_path(config.model.reference) if config.model.reference else policy
+    return policy, reference
+
+
+def load_policy(config, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The trained policy, in train mode, with activation checkpointing if configured."""
+    model = load_causal_lm(path, dtype, device, attention_implementation(config.model.attn_implementation, device),
+                           config.model.trust_remote_code)
+    if config.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model.train()
+
+
+def load_frozen(config, path: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A model that is only evaluated (π_ref): eval mode, no gradients."""
+    model = load_causal_lm(path, dtype, device, attention_implementation(config.model.attn_implementation, device),
+                           config.model.trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
+def load_run_reward(config, tokenizer, device: torch.device, dtype: torch.dtype):
+    """The run's `RewardFunction` (reward.kind / reward.name), a reward model placed on `device`."""
+    from fastbond.rewards import load_reward
+
+    return load_reward(config.reward.kind, config.reward.name, device=device, dtype=dtype,
+                       batch_size=config.reward.batch_size, trust_remote_code=config.model.trust_remote_code,
+                       policy_tokenizer=tokenizer)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -248,16 +248,13 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
 def plan_for_config(config: TrainConfig, ranks: int, model: str | None = None, reference: str | None = None,
                     reward: str | None = None) -> Plan:
     """The plan of a config, sizing each model from the config's paths unless a spec is given."""
-    from fastbond.algorithms import ALGORITHMS
-
     policy_shape = resolve_shape(model or config.model.policy)
     reference_spec = reference or config.model.reference
     reference_shape = resolve_shape(reference_spec) if reference_spec else policy_shape
     reward_shape = None
     if config.reward.kind == "model" or reward:
         reward_shape = resolve_shape(reward or config.reward.name, classifier=True)
-    needs_anchor = ALGORITHMS[config.algorithm.name].needs_anchor
-    return plan_memory(config, ranks, policy_shape, reference_shape, reward_shape, needs_anchor)
+    return plan_memory(config, ranks, policy_shape, reference_shape, reward_shape, config.algorithm.needs_anchor)
 
 
 # --------------------------------------------------------------------------- #

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastbond.errors import FastbondError
+from fastbond.errors import FastbondError, UserCodeError
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -131,8 +131,8 @@ class RewardFunction:
             raw = self.fn(prompts, responses)
         except FastbondError:
             raise
-        except Exception as error:  # a user's scorer may fail in any way; report it in one line
-            raise FastbondError(f"{self.label} raised {type(error).__name__}: {_first_line(error)}") from error
+        except Exception as error:  # a bug in the user's scorer: its traceback is theirs to read
+            raise UserCodeError(f"{self.label} raised {type(error).__name__}: {_first_line(error)}") from error
         return self._as_tensor(raw, len(responses))
 
     def _as_tensor(self, raw: object, batch: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ The J-BOND surrogate of SPEC §5 step 6, with every token log-prob computed by
     R_i = r_J,i − (ℓ_i − a_i),  b_i = Σ_{j≠i} R_j / (B − 1),  A_i = R_i − b_i
     L = mean_i[ (1−β)·(−ℓ₂_i) + β·(−sg(A_i)·ℓ_i) + γ·sg(ℓ_i − a_i)·ℓ_i ]
 
-`loss` and `metrics` are those of `fastbond.losses.jbond_loss` (same keys,
+`loss` and `metrics` are those of `fastbond.kernels.jbond_loss` (same keys,
 same meaning) on the padded token log-probs; with `return_entropy` the
 metrics also hold `policy_entropy`, the mean token entropy of π_t over the
 policy samples' tokens, from the same pass.
@@ -119,9 +119,9 @@ from typing import Optional
 import torch
 
 from fastbond.kernels._backend import resolve_backend
-from fastbond.kernels.jbond_loss import jbond_loss
+from fastbond.kernels.jbond_loss import jbond_loss, jbond_loss_ref
 from fastbond.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
-from fastbond.losses import jbond_loss as jbond_loss_reference
+from fastbond.kernels.sequences import BatchSum
 
 __all__ = ["jbond_linear_loss", "jbond_linear_loss_ref"]
 
@@ -266,8 +266,9 @@ def jbond_linear_loss_ref(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = False,
+    batch_sum: Optional[BatchSum] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The naive oracle: full [N, V] logits (fp32; fp64 for fp64 inputs), padded rows, `fastbond.losses.jbond_loss`."""
+    """The naive oracle: full [N, V] logits (fp32; fp64 for fp64 inputs), padded rows, `jbond_loss_ref`."""
     batch = rewards.shape[0]
     vocab = weight.shape[0]
     (policy_pos, policy_len), (best_pos, best_len) = _check_values_and_lengths(
@@ -279,8 +280,8 @@ def jbond_linear_loss_ref(
     best_rows, best_mask = _pad(best_logp, best_seq_ids, best_pos, batch, best_len)
     anchor_rows, _ = _pad(anchor_token_logps.detach().to(policy_logp.dtype), policy_seq_ids, policy_pos, batch,
                           policy_len)
-    loss, metrics = jbond_loss_reference(policy_rows, policy_mask, best_rows, best_mask, anchor_rows, rewards,
-                                         anchor_rewards, beta=beta, gamma=gamma)
+    loss, metrics = jbond_loss_ref(policy_rows, policy_mask, best_rows, best_mask, anchor_rows, rewards,
+                                   anchor_rewards, beta=beta, gamma=gamma, batch_sum=batch_sum)
     if return_entropy:
         metrics["policy_entropy"] = policy_ent.mean()
     return loss, metrics
@@ -311,6 +312,7 @@ def jbond_linear_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     return_entropy: bool = False,
+    batch_sum: Optional[BatchSum] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """J-BOND surrogate loss (SPEC §5 step 6) from final hidden states, never holding [N, V] logits.
 
@@ -332,6 +334,9 @@ def jbond_linear_loss(
         backend: "auto" (triton on CUDA, else chunked), "reference", "chunked", "triton".
         chunk_size: vocabulary columns per chunk in linear_logprobs (default: sized from N).
         return_entropy: also report `policy_entropy` (mean token entropy over policy tokens).
+        batch_sum: these sequences are one rank's share of a larger batch; a function summing a
+            tensor over every share (e.g. an all-reduce). The leave-one-out baseline is then the
+            whole batch's, as in `jbond_loss`; the metrics stay the share's.
     Returns:
         (loss, metrics): an fp32 scalar to minimize, and the detached scalars of
         `fastbond.losses.jbond_loss` under the same keys.
@@ -346,7 +351,7 @@ def jbond_linear_loss(
     if resolved == "reference":
         return jbond_linear_loss_ref(policy_hidden, policy_targets, policy_seq_ids, best_hidden, best_targets,
                                      best_seq_ids, weight, anchor_token_logps, rewards, anchor_rewards, beta=beta,
-                                     gamma=gamma, return_entropy=return_entropy, **common)
+                                     gamma=gamma, return_entropy=return_entropy, batch_sum=batch_sum, **common)
 
     (policy_pos, policy_len), (best_pos, best_len) = _check_values_and_lengths(
         policy_targets, policy_seq_ids, best_targets, best_seq_ids, weight.shape[0], batch)
@@ -368,7 +373,7 @@ def jbond_linear_loss(
     # The head: loss, metrics and the per-sequence weights; its backward hands
     # linear_logprobs one weight per token (gathered back through the padding).
     loss, metrics = jbond_loss(policy_rows, policy_mask, best_rows, best_mask, anchor_rows, rewards, anchor_rewards,
-                               beta=beta, gamma=gamma, backend=resolved)
+                               beta=beta, gamma=gamma, backend=resolved, batch_sum=batch_sum)
     if return_entropy:
         metrics["policy_entropy"] = entropy[:n_policy].mean()
     return loss, metrics

@@ -1,16 +1,20 @@
 """Fused J-BOND loss head: token log-probs → (loss, metrics), and per-token gradients.
 
-Same signature, semantics and `(loss, metrics)` return as
-`fastbond.losses.jbond_loss` (SPEC §5 step 6), which is the `reference` backend:
+The J-BOND surrogate of SPEC §5 step 6; `jbond_loss_ref` below is the
+`reference` backend and the test oracle (also exported as
+`fastbond.losses.jbond_loss`):
 
     ℓ = Σ_t m·log π(y_t),  a = Σ_t m·log π_anc(y_t),  ℓ₂ = Σ_t m₂·log π(y_bo2,t)
     R = r_J − (ℓ − a),  b = leave-one-out mean of R,  A = R − b
     L = mean_b[ (1−β)·(−ℓ₂) + β·(−sg(A)·ℓ) + γ·sg(ℓ − a)·ℓ ]
 
 When the rows are one rank's share of a batch split over ranks,
-`baseline_sum` / `baseline_count` (Σ R over the whole batch, all-reduced, and
-its size) make b the whole batch's leave-one-out mean; the metrics stay the
-share's.
+`batch_sum` (a sum over every share, e.g. an all-reduce) makes b the whole
+batch's leave-one-out mean; the metrics stay the share's.
+
+The returns R are computed in one place in PyTorch (`jbond_returns`), used by
+the reference, the chunked backend and the batch-wide baseline; the Triton
+forward computes the same in-kernel and is tested against it.
 
 The stop-gradients make the advantages constants, so the gradient is closed
 form and per sequence:
@@ -77,8 +81,7 @@ import torch
 
 from fastbond.bon import JBOND_PENALTY, jbond_reward
 from fastbond.kernels._backend import resolve_backend
-from fastbond.losses import jbond_loss as jbond_loss_reference
-from fastbond.losses import leave_one_out_baseline, sequence_logps
+from fastbond.kernels.sequences import BatchSum, batch_total, leave_one_out_baseline, sequence_logps
 
 try:  # the module must import where triton is absent
     import triton
@@ -89,9 +92,9 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-__all__ = ["jbond_loss", "METRIC_NAMES"]
+__all__ = ["METRIC_NAMES", "jbond_loss", "jbond_loss_ref", "jbond_objective", "jbond_returns"]
 
-# Order of the metrics vector the backends fill; the dict keys of the reference.
+# Order of the metrics vector the backends fill; the dict keys of every backend besides "loss".
 METRIC_NAMES = (
     "forward_term",
     "backward_term",
@@ -106,7 +109,68 @@ METRIC_NAMES = (
 
 
 # --------------------------------------------------------------------------- #
-# Validation (the reference's rules, checked before any kernel runs)
+# The objective on sequence log-probs: one place for the math in PyTorch
+# --------------------------------------------------------------------------- #
+
+
+def _rewards_and_ratio(policy_seq, anchor_seq, rewards, anchor_rewards):
+    """(r_J, ℓ − a, R = r_J − (ℓ − a)) per sequence, detached."""
+    log_ratio = policy_seq.detach() - anchor_seq.detach()  # sample estimate of KL(π ‖ π_anc)
+    jbond_rewards = jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype)
+    return jbond_rewards, log_ratio, jbond_rewards - log_ratio
+
+
+def jbond_returns(policy_seq: torch.Tensor, anchor_seq: torch.Tensor, rewards: torch.Tensor,
+                  anchor_rewards: torch.Tensor) -> torch.Tensor:
+    """[B] J-BOND returns R = r_J(y) − (ℓ − a), detached: what the leave-one-out baseline averages.
+
+    `policy_seq` ℓ and `anchor_seq` a are sequence log-probs [B] of the policy sample
+    under π_t and π_anc; `rewards` [B] and `anchor_rewards` [B, 2] as in `jbond_loss`.
+    """
+    return _rewards_and_ratio(policy_seq, anchor_seq, rewards, anchor_rewards)[2]
+
+
+def _baseline_totals(policy_logps, policy_mask, anchor_logps, rewards, anchor_rewards, batch_sum):
+    """(Σ R, size) of the whole batch when these rows are a share of it, else (None, None)."""
+    if batch_sum is None:
+        return None, None
+    returns = jbond_returns(sequence_logps(policy_logps.detach(), policy_mask),
+                            sequence_logps(anchor_logps.detach(), policy_mask), rewards, anchor_rewards)
+    return batch_total(returns, batch_sum)
+
+
+def jbond_objective(policy_seq, best_anchor_seq, anchor_seq, rewards, anchor_rewards, beta: float, gamma: float,
+                    baseline_total=None, baseline_count=None):
+    """SPEC §5 step 6 on sequence log-probs [B]: (loss, metrics [9] in METRIC_NAMES order, A, ℓ − a).
+
+    The stop-gradients are detaches here, so under autograd the gradient of
+    `loss` is the J-BOND estimator; the chunked backend calls it without a
+    graph and applies the closed-form gradient with the returned A and ℓ − a.
+    `baseline_total` / `baseline_count`: Σ R and size of the whole batch (`batch_total`).
+    """
+    jbond_rewards, log_ratio, returns = _rewards_and_ratio(policy_seq, anchor_seq, rewards, anchor_rewards)
+    advantages = returns - leave_one_out_baseline(returns, total=baseline_total, count=baseline_count)
+
+    forward_term = -best_anchor_seq
+    backward_term = -advantages * policy_seq
+    anchor_kl_term = log_ratio * policy_seq
+    loss = ((1.0 - beta) * forward_term + beta * backward_term + gamma * anchor_kl_term).mean()
+    metrics = torch.stack([
+        forward_term.detach().mean(),
+        backward_term.detach().mean(),
+        log_ratio.mean(),
+        (jbond_rewards < 0).to(log_ratio.dtype).mean(),
+        jbond_rewards.mean(),
+        returns.mean(),
+        advantages.std(unbiased=False),
+        policy_seq.detach().mean(),
+        best_anchor_seq.detach().mean(),
+    ])
+    return loss, metrics, advantages, log_ratio
+
+
+# --------------------------------------------------------------------------- #
+# Validation (one set of rules for every backend, checked before any kernel runs)
 # --------------------------------------------------------------------------- #
 
 
@@ -149,6 +213,43 @@ def _jbond_penalty(rewards: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- #
+# reference backend: plain autograd, the test oracle
+# --------------------------------------------------------------------------- #
+
+
+def jbond_loss_ref(
+    policy_logps: torch.Tensor,
+    policy_mask: torch.Tensor,
+    best_anchor_logps: torch.Tensor,
+    best_anchor_mask: torch.Tensor,
+    anchor_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    anchor_rewards: torch.Tensor,
+    beta: float = 0.5,
+    gamma: float = 0.0,
+    *,
+    batch_sum: BatchSum | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """J-BOND surrogate loss, SPEC §5 step 6 (BOND paper, Algorithm 2), in plain autograd.
+
+        ℓ = log π_t(y),  a = log π_anc(y),  ℓ₂ = log π_t(y_bo2)
+        R = r_J(y) − (ℓ − a),   b = leave-one-out mean of R over the batch
+        L = mean[ (1−β)·(−ℓ₂)  +  β·(−sg(R − b)·ℓ)  +  γ·sg(ℓ − a)·ℓ ]
+
+    The γ term is the gradient of KL(π ‖ π_anc) (eq. 19); Algorithm 2 prints it
+    with the opposite sign, which would push the policy *away* from the anchor.
+    Arguments and return as `jbond_loss`.
+    """
+    _validate(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards, anchor_rewards,
+              beta, gamma)
+    total, count = _baseline_totals(policy_logps, policy_mask, anchor_logps, rewards, anchor_rewards, batch_sum)
+    loss, metrics, _, _ = jbond_objective(
+        sequence_logps(policy_logps, policy_mask), sequence_logps(best_anchor_logps, best_anchor_mask),
+        sequence_logps(anchor_logps.detach(), policy_mask), rewards, anchor_rewards, beta, gamma, total, count)
+    return loss, _metrics_dict(loss, metrics)
+
+
+# --------------------------------------------------------------------------- #
 # chunked backend: vectorized PyTorch, closed-form backward
 # --------------------------------------------------------------------------- #
 
@@ -156,31 +257,11 @@ def _jbond_penalty(rewards: torch.Tensor) -> float:
 class _JBondChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards,
-                anchor_rewards, beta: float, gamma: float, baseline_sum=None, baseline_count=None):
-        policy_seq = sequence_logps(policy_logps, policy_mask)  # [B], fp32 (fp64 for fp64 inputs)
-        best_anchor_seq = sequence_logps(best_anchor_logps, best_anchor_mask)
-        anchor_seq = sequence_logps(anchor_logps, policy_mask)
-
-        log_ratio = policy_seq - anchor_seq
-        jbond_rewards = jbond_reward(rewards, anchor_rewards).to(log_ratio.dtype)
-        returns = jbond_rewards - log_ratio
-        advantages = returns - leave_one_out_baseline(returns, total=baseline_sum, count=baseline_count)
-
-        forward_term = -best_anchor_seq
-        backward_term = -advantages * policy_seq
-        anchor_kl_term = log_ratio * policy_seq
-        loss = ((1.0 - beta) * forward_term + beta * backward_term + gamma * anchor_kl_term).mean()
-        metrics = torch.stack([
-            forward_term.mean(),
-            backward_term.mean(),
-            log_ratio.mean(),
-            (jbond_rewards < 0).to(loss.dtype).mean(),
-            jbond_rewards.mean(),
-            returns.mean(),
-            advantages.std(unbiased=False),
-            policy_seq.mean(),
-            best_anchor_seq.mean(),
-        ])
+                anchor_rewards, beta: float, gamma: float, baseline_total=None, baseline_count=None):
+        loss, metrics, advantages, log_ratio = jbond_objective(
+            sequence_logps(policy_logps, policy_mask), sequence_logps(best_anchor_logps, best_anchor_mask),
+            sequence_logps(anchor_logps, policy_mask), rewards, anchor_rewards, beta, gamma,
+            baseline_total, baseline_count)
         ctx.save_for_backward(policy_mask, best_anchor_mask, advantages, log_ratio)
         ctx.beta, ctx.gamma = beta, gamma
         ctx.dtypes = (policy_logps.dtype, best_anchor_logps.dtype)
@@ -416,7 +497,7 @@ def _block_t(*lengths: int) -> int:
 class _JBondTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards,
-                anchor_rewards, beta: float, gamma: float, baseline_sum=None, baseline_count=None):
+                anchor_rewards, beta: float, gamma: float, baseline_total=None, baseline_count=None):
         device = policy_logps.device
         batch, n_policy = policy_logps.shape
         n_best = best_anchor_logps.shape[1]
@@ -432,10 +513,10 @@ class _JBondTriton(torch.autograd.Function):
         loss = torch.empty((), dtype=torch.float32, device=device)
         metrics = scratch[batch * 6 :]
         ticket = torch.zeros(1, dtype=torch.int32, device=device)
-        global_baseline = baseline_sum is not None
+        global_baseline = baseline_total is not None
         baseline = metrics  # not read unless global_baseline
         if global_baseline:
-            total = torch.as_tensor(baseline_sum, dtype=torch.float32, device=device).reshape(1)
+            total = torch.as_tensor(baseline_total, dtype=torch.float32, device=device).reshape(1)
             baseline = torch.cat([total, torch.full((1,), float(baseline_count), dtype=torch.float32, device=device)])
         _jbond_fwd_kernel[(batch,)](
             policy, pmask, best, bmask, anchor, rewards, anchor_rewards,
@@ -503,10 +584,9 @@ def jbond_loss(
     gamma: float = 0.0,
     *,
     backend: str = "auto",
-    baseline_sum: torch.Tensor | float | None = None,
-    baseline_count: int | None = None,
+    batch_sum: BatchSum | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """J-BOND surrogate loss and metrics, as `fastbond.losses.jbond_loss`, fused.
+    """J-BOND surrogate loss and metrics (SPEC §5 step 6), fused.
 
     Args:
         policy_logps:      [B, T] log π_t of the policy sample's tokens (with grad).
@@ -519,32 +599,26 @@ def jbond_loss(
         beta:  Jeffreys weight in [0, 1].
         gamma: weight ≥ 0 of the KL(π ‖ π_anc) regularizer.
         backend: "auto" (triton on CUDA, chunked elsewhere), "reference", "chunked" or "triton".
-        baseline_sum, baseline_count: these rows are one rank's share of a larger batch; the
-            sum of the returns over the whole batch (`fastbond.losses.jbond_returns`, all-reduced)
-            and its size. The leave-one-out baseline is then the whole batch's; the metrics
-            stay those of these rows.
+        batch_sum: these rows are one rank's share of a larger batch; a function summing a
+            tensor over every share (e.g. an all-reduce over ranks). The leave-one-out baseline
+            is then the whole batch's; the metrics stay those of these rows.
     Returns:
         (loss, metrics): a scalar to minimize (fp32; fp64 for fp64 log-probs) and a
-        dict of detached scalars keyed like the reference's.
+        dict of detached scalars: "loss" and METRIC_NAMES.
     """
     resolved = resolve_backend(backend, policy_logps)
     if resolved == "reference":
-        return jbond_loss_reference(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps,
-                                    rewards, anchor_rewards, beta=beta, gamma=gamma,
-                                    baseline_sum=baseline_sum, baseline_count=baseline_count)
+        return jbond_loss_ref(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps,
+                              rewards, anchor_rewards, beta=beta, gamma=gamma, batch_sum=batch_sum)
     _validate(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask, anchor_logps, rewards, anchor_rewards,
               beta, gamma)
     beta, gamma = float(beta), float(gamma)
-    if (baseline_sum is None) != (baseline_count is None):
-        raise ValueError("baseline_sum and baseline_count go together")
-    if baseline_count is not None:
-        baseline_count = int(baseline_count)
+    total, count = _baseline_totals(policy_logps, policy_mask, anchor_logps, rewards, anchor_rewards, batch_sum)
     fused = resolved == "triton" and triton is not None
     if fused:
         dtypes = {policy_logps.dtype, best_anchor_logps.dtype, anchor_logps.dtype}
         fused = dtypes <= set(_TL_DTYPES) and policy_logps.shape[0] > 0
     function = _JBondTriton if fused else _JBondChunked
     loss, metrics = function.apply(policy_logps, policy_mask, best_anchor_logps, best_anchor_mask,
-                                   anchor_logps.detach(), rewards, anchor_rewards, beta, gamma,
-                                   baseline_sum, baseline_count)
+                                   anchor_logps.detach(), rewards, anchor_rewards, beta, gamma, total, count)
     return loss, _metrics_dict(loss, metrics)

@@ -38,7 +38,7 @@ TINY = [
     "rollout.max_new_tokens=8",
     "rollout.sampler=keyed",
     "algorithm.name=jbond",
-    "anchor.eta=0.3",
+    "algorithm.eta=0.3",
     "checkpoint.every=2",
     "evaluation.at_end=false",
     "logging.progress=false",
@@ -78,7 +78,7 @@ def deepspeed_train(cache: Path, run_dir: Path, *overrides: str) -> Path:
 def one_process(cache, tmp_path_factory):
     from fastbond.config import load_config
     from fastbond.presets import embedded_preset
-    from fastbond.trainer import train
+    from fastbond.train import train
 
     run_dir = tmp_path_factory.mktemp("one") / "run"
     with pytest.MonkeyPatch.context() as patch:

@@ -36,15 +36,15 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fastbond.anchor import EMAAnchor  # noqa: E402
 from fastbond.config import load_config  # noqa: E402
-from fastbond.deepspeed_engine import (  # noqa: E402
-    DeepSpeedEngine,
+from fastbond.engines.deepspeed.config import build_deepspeed_config  # noqa: E402
+from fastbond.engines.deepspeed.zero import (  # noqa: E402
+    ZeroOptimizer,
     build_anchor,
-    build_deepspeed_config,
     frozen_model,
     gathered_for_generation,
     init_distributed,
 )
-from fastbond.engine import TorchEngine  # noqa: E402
+from fastbond.engines.local import TorchOptimizer  # noqa: E402
 from fastbond.logprobs import response_logprobs  # noqa: E402
 from fastbond.models import lm_head  # noqa: E402
 from fastbond.rollout import Samples  # noqa: E402
@@ -90,7 +90,7 @@ def fastbond_config(stage: int, dtype: str = "float32", batch: int = 4, **engine
 def make_engine(model, stage: int, dtype: str = "float32"):
     config = fastbond_config(stage, dtype)
     ds_config = build_deepspeed_config(config, dist.get_world_size())
-    return DeepSpeedEngine(model, config, ds_config, torch.device("cpu")), config
+    return ZeroOptimizer(model, config, ds_config, torch.device("cpu")), config
 
 
 def batch_samples(seed: int, rows: int = 4, prompt: int = 5, response: int = 6) -> Samples:
@@ -379,7 +379,7 @@ def fused_logprob_grads_zero3():
 
 
 # --------------------------------------------------------------------------- #
-# DeepSpeedEngine == TorchEngine, step by step, including a skipped step
+# ZeroOptimizer == TorchOptimizer, step by step, including a skipped step
 # --------------------------------------------------------------------------- #
 
 
@@ -400,7 +400,7 @@ def _engine_case(stage: int, steps: int = 4, bad_step: int = 2) -> dict:
     base = tiny_model(tied=True)
     engine, config = make_engine(copy.deepcopy(base), stage)
     plain = copy.deepcopy(base)
-    torch_engine = TorchEngine(plain, config.optim, torch.float32, torch.device("cpu"))
+    torch_engine = TorchOptimizer(plain, config.optim, torch.float32, torch.device("cpu"))
 
     def loss_of(model, r, step, bad):
         samples = batch_samples(1000 * step + r)
@@ -567,7 +567,7 @@ def generation_zero3():
     dist.barrier()
     config = fastbond_config(3, deepspeed_config=str(override))
     ds_config = build_deepspeed_config(config, dist.get_world_size())
-    engine = DeepSpeedEngine(copy.deepcopy(base), config, ds_config, torch.device("cpu"))
+    engine = ZeroOptimizer(copy.deepcopy(base), config, ds_config, torch.device("cpu"))
     prompts = batch_samples(11)
     ids, mask = prompts.sequences[:, :5], prompts.attention_mask[:, :5]
     new_tokens = 6
@@ -611,14 +611,14 @@ def generation_zero3():
 def ranks_agree():
     """A step is skipped on every rank when one rank's rewards are not finite (a rank that
     stepped alone would hang the others in the gradient all-reduce); metrics are averaged."""
-    from fastbond.distributed_run import all_true, mean_metrics
+    from fastbond.engines.deepspeed.engine import DeepSpeedEngine
 
     rank = dist.get_rank()
-    cpu = torch.device("cpu")
+    engine = DeepSpeedEngine(fastbond_config(0))  # joins the existing process group
     return {
-        "one_rank_false": all_true(rank == 0, cpu),
-        "all_true": all_true(True, cpu),
-        "metrics": mean_metrics({"loss": torch.tensor([1.0, 3.0]) * (rank + 1), "lr": 0.5}, cpu),
+        "one_rank_false": engine.all_true(rank == 0),
+        "all_true": engine.all_true(True),
+        "metrics": engine.reduce_metrics({"loss": torch.tensor([1.0, 3.0]) * (rank + 1), "lr": 0.5}),
     }
 
 

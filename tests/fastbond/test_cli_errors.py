@@ -82,8 +82,9 @@ def reward_module(tmp_path, monkeypatch):
         (["algorithm.beta=1.5"], ["'algorithm.beta' must lie in [0, 1], got 1.5"]),
         (["algorithm.beta=-0.1"], ["'algorithm.beta' must lie in [0, 1], got -0.1"]),
         (["algorithm.beta=.nan"], ["'algorithm.beta' must lie in [0, 1], got nan"]),
-        (["anchor.eta=1.01"], ["'anchor.eta' must lie in [0, 1], got 1.01"]),
-        (["anchor.eta=-0.5"], ["'anchor.eta' must lie in [0, 1], got -0.5"]),
+        (["algorithm.eta=1.01"], ["'algorithm.eta' must lie in [0, 1], got 1.01"]),
+        (["algorithm.eta=-0.5"], ["'algorithm.eta' must lie in [0, 1], got -0.5"]),
+        (["algorithm.name=rloo", "algorithm.gamma=2"], ["'algorithm.gamma' is not used by algorithm rloo"]),
         (["algorithm.gamma=-1"], ["'algorithm.gamma' must be >= 0, got -1.0"]),
         (["algorithm.gamma=-.inf"], ["'algorithm.gamma' must be >= 0, got -inf"]),
         (["model.policy=/nope"], ["'model.policy': path not found: /nope"]),
@@ -104,9 +105,11 @@ def test_config_mistakes_in_overrides(capsys, tmp_path, overrides, fragments):
     [
         ("step: 2\n", ["unknown config key 'step'", "did you mean 'steps'"]),
         ("algorithm:\n  name: jbond\n  bta: 0.5\n", ["unknown config key 'algorithm.bta'", "'algorithm.beta'"]),
-        ("anchor:\n  etta: 0.1\n", ["unknown config key 'anchor.etta'", "did you mean 'anchor.eta'"]),
+        ("algorithm:\n  etta: 0.1\n", ["unknown config key 'algorithm.etta'", "did you mean 'algorithm.eta'"]),
+        ("anchor:\n  eta: 0.1\n", ["config section 'anchor' has moved: anchor.eta is now algorithm.eta"]),
         ("algorithm:\n  beta: 2\n", ["'algorithm.beta' must lie in [0, 1], got 2.0"]),
-        ("anchor:\n  eta: 1.5\n", ["'anchor.eta' must lie in [0, 1], got 1.5"]),
+        ("algorithm:\n  eta: 1.5\n", ["'algorithm.eta' must lie in [0, 1], got 1.5"]),
+        ("algorithm:\n  name: vbon\n  gamma: 1\n", ["'algorithm.gamma' is not used by algorithm vbon"]),
         ("algorithm:\n  gamma: -0.25\n", ["'algorithm.gamma' must be >= 0, got -0.25"]),
         ("model:\n  policy: /nope\n", ["'model.policy': path not found: /nope"]),
         ("data:\n  prompts: /nope.jsonl\n", ["'data.prompts': path not found: /nope.jsonl"]),
@@ -193,7 +196,6 @@ def test_prompt_over_the_token_limit_names_file_and_prompt(capsys, tmp_path, emb
 @pytest.mark.parametrize(
     "body, fragments",
     [
-        ('raise RuntimeError("kaboom\\nsecond line")', ["raised RuntimeError: kaboom"]),
         ("return [0.0] * (len(responses) - 1)", ["returned shape (", "expected ("]),
         ("return torch.zeros(len(responses), 2)", [", 2), expected ("]),
         ("return None", ["returned NoneType, expected"]),
@@ -207,11 +209,60 @@ def test_failing_reward_function(capsys, tmp_path, embedded_reference, reward_mo
     assert_one_line_error(status, err, f"reward function {name}:score", *fragments)
 
 
+def test_reward_function_that_raises_shows_its_traceback_and_saves_the_last_step(
+        capsys, tmp_path, embedded_reference, reward_module):
+    """User code failing mid-run: its traceback, exit 1, the last completed step saved, how to
+    resume; resuming with the fixed function continues exactly as a run that never failed."""
+    from safetensors.torch import load_file
+
+    good = reward_module("from fastbond.rewards import sentiment\n\ndef score(prompts, responses):\n"
+                         "    return sentiment(prompts, responses)\n")
+    # J-BOND scores twice a step (anchor samples, then the policy sample): call 5 opens step 3.
+    flaky = reward_module("from fastbond.rewards import sentiment\ncalls = 0\n\n"
+                          "def score(prompts, responses):\n    global calls\n    calls += 1\n"
+                          "    if calls == 5:\n        raise RuntimeError('kaboom\\nsecond line')\n"
+                          "    return sentiment(prompts, responses)\n")
+    run_dir = tmp_path / "run"
+    base = tiny(tmp_path) + ["steps=4", "reward.kind=callable"]
+    status, err = run_train(capsys, base + [f"reward.name={flaky}:score"])
+    assert status == 1
+    assert "Traceback" in err and "RuntimeError: kaboom" in err and f"{flaky}.py" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastbond train: error: step 3 failed (traceback above); saved the last completed step")
+    assert "checkpoint.resume=true" in last and str(run_dir) in last
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+    status, err = run_train(capsys, base + [f"reward.name={good}:score", "checkpoint.resume=true"])
+    assert status == 0, err
+    straight = tmp_path / "straight"
+    status, err = run_train(capsys, base + [f"reward.name={good}:score", f"run_dir={straight}"])
+    assert status == 0, err
+    resumed, expected = load_file(str(run_dir / "policy" / "model.safetensors")), load_file(
+        str(straight / "policy" / "model.safetensors"))
+    assert all(torch_equal(resumed[name], expected[name]) for name in expected)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_reward_function_raising_in_the_first_step_says_there_is_nothing_to_resume(
+        capsys, tmp_path, embedded_reference, reward_module):
+    name = reward_module("def score(prompts, responses):\n    raise ValueError('bad input')\n")
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={name}:score"])
+    assert status == 1 and "ValueError: bad input" in err and "Traceback" in err
+    assert err.strip().splitlines()[-1].endswith("no step had completed, so there is nothing to resume: "
+                                                 "rerun from the start once fixed")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_wrong_length_reward_names_both_lengths(capsys, tmp_path, embedded_reference, reward_module):
     name = reward_module("def score(prompts, responses):\n    return [0.0] * (len(responses) + 3)\n")
     status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={name}:score"])
     line = assert_one_line_error(status, err, f"reward function {name}:score returned shape")
-    got, expected = map(int, re.search(r"shape \((\d+),\), expected \((\d+),\)$", line).groups())
+    got, expected = map(int, re.search(r"shape \((\d+),\), expected \((\d+),\);", line).groups())
     assert got == expected + 3
 
 

@@ -27,7 +27,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
 def test_round_trip_through_dict(tmp_path):
     import yaml
 
-    config = load_config(None, ["anchor.eta=0.1", "seed=3"])
+    config = load_config(None, ["algorithm.eta=0.1", "seed=3"])
     path = tmp_path / "resolved.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
     assert load_config(path) == config
@@ -46,7 +46,16 @@ def test_integer_accepted_for_float_but_not_the_reverse():
         (["algoritm.beta=0.5"], "unknown config key 'algoritm'"),
         (["algorithm.beta=1.5"], "'algorithm.beta' must lie in [0, 1], got 1.5"),
         (["algorithm.beta=-0.1"], "'algorithm.beta' must lie in [0, 1]"),
-        (["anchor.eta=2"], "'anchor.eta' must lie in [0, 1], got 2.0"),
+        (["algorithm.eta=2"], "'algorithm.eta' must lie in [0, 1], got 2.0"),
+        (["anchor.eta=0.1"], "config section 'anchor' has moved: anchor.eta is now algorithm.eta"),
+        (["algorithm.name=bonbon", "algorithm.bonbon_alpha=0.1"], "'algorithm.bonbon_alpha' has moved: use algorithm.alpha"),
+        (["algorithm.name=rloo", "algorithm.gamma=2"],
+         "config key 'algorithm.gamma' is not used by algorithm rloo (it is jbond's); rloo takes: beta_rl"),
+        (["algorithm.name=vbon", "algorithm.beta=0.5"], "'algorithm.beta' is not used by algorithm vbon"),
+        (["algorithm.name=bond", "algorithm.anchor_period=3"], "it is iterative_bond's"),
+        (["algorithm.mc_samplez=3"], "unknown config key 'algorithm.mc_samplez' for algorithm jbond"),
+        (["algorithm.name=rloo", "algorithm.samples_per_prompt=1"], "'algorithm.samples_per_prompt' must be >= 2"),
+        (["algorithm.name=bond", "algorithm.n=1"], "'algorithm.n' must be >= 2"),
         (["algorithm.gamma=-1"], "'algorithm.gamma' must be >= 0"),
         (["algorithm.name=ppo"], "'algorithm.name' must be one of"),
         (["optim.lr=fast"], "'optim.lr' must be float, got 'fast'"),
@@ -89,5 +98,26 @@ def test_exponent_without_dot_reads_as_float(tmp_path):
     # YAML 1.1 parses `3e-6` as a string; the config accepts it for float keys.
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  lr: 3e-6\n")
-    assert load_config(path, ["anchor.eta=1e-2"]).optim.lr == 3e-6
-    assert load_config(None, ["anchor.eta=1e-2"]).anchor.eta == 0.01
+    assert load_config(path, ["algorithm.eta=1e-2"]).optim.lr == 3e-6
+    assert load_config(None, ["algorithm.eta=1e-2"]).algorithm.eta == 0.01
+
+
+def test_each_algorithm_has_its_own_section():
+    from fastbond.algorithms import ALGORITHMS
+
+    for name, entry in ALGORITHMS.items():
+        config = load_config(None, [f"algorithm.name={name}"])
+        assert type(config.algorithm) is entry.section and config.algorithm.name == name
+
+
+def test_another_algorithm_on_the_command_line_starts_from_its_defaults(tmp_path):
+    """Config-group semantics: the file's keys were written for the file's algorithm."""
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm:\n  name: jbond\n  beta: 0.3\n  eta: 0.1\n")
+    notes = []
+    config = load_config(path, ["algorithm.name=bond", "algorithm.n=4"], notes=notes)
+    assert config.algorithm.name == "bond" and config.algorithm.beta == 0.5 and config.algorithm.n == 4
+    assert notes == ["algorithm.name=bond: the config file's jbond settings do not apply "
+                     "(algorithm.beta, algorithm.eta)"]
+    # the same algorithm named again keeps the file's keys
+    assert load_config(path, ["algorithm.name=jbond"]).algorithm.beta == 0.3

@@ -132,7 +132,7 @@ def test_jbond_loss_gamma_term_is_kl_gradient_sign():
         (dict(beta=1.5), r"beta must lie in \[0, 1\], got 1.5"),
         (dict(gamma=-1.0), "gamma must be >= 0, got -1.0"),
         (dict(rewards=torch.zeros(3)), r"rewards must have 1 dims with batch 2, got shape \(3,\)"),
-        (dict(anchor_rewards=torch.zeros(2)), r"anchor_rewards must have 2 dims with batch 2, got shape \(2,\)"),
+        (dict(anchor_rewards=torch.zeros(2)), r"anchor_rewards must be \[2, 2\], got shape \(2,\)"),
     ],
 )
 def test_jbond_loss_errors(kwargs, message):
@@ -281,8 +281,8 @@ def test_bonbon_loss_alpha_range():
 
 @pytest.mark.parametrize("name", ["bond", "vbon"])
 def test_batch_baseline_over_two_shares_equals_the_whole_batch(name):
-    """Each share given the whole batch's Σ R and size (`*_returns`): size-weighted losses and
-    share-scaled gradients add up to the whole batch's, as the gradient average over ranks does."""
+    """Each share sums its returns with the other's through `batch_sum` (what an all-reduce over
+    ranks does): size-weighted losses and share-scaled gradients add up to the whole batch's."""
     from fastbond.losses import bond_returns, vbon_returns
 
     generator = torch.Generator().manual_seed(3)
@@ -301,15 +301,20 @@ def test_batch_baseline_over_two_shares_equals_the_whole_batch(name):
         return vbon_loss(policy[rows], masks[rows], ref[rows], rewards[rows], ref_rewards[rows], n=n, **baseline)[0]
 
     returns_of = bond_returns if name == "bond" else vbon_returns
-    total = returns_of(policy, masks, ref, rewards, ref_rewards, n=n).sum()
+    returns = returns_of(sequence_logps(policy, masks), sequence_logps(ref, masks),
+                         torch.log(mc_quantile(rewards, ref_rewards)), n=n)
+    shares = (slice(0, 2), slice(2, batch))
+    local = [torch.stack([returns[rows].sum(), torch.tensor(float(rows.stop - rows.start), dtype=F64)])
+             for rows in shares]
+    whole_sums = sum(local)
     whole = loss_of(slice(0, batch))
-    shares = [loss_of(rows, baseline_sum=total, baseline_count=batch) * (rows.stop - rows.start) / batch
-              for rows in (slice(0, 2), slice(2, batch))]
-    torch.testing.assert_close(sum(shares), whole)
+    split = [loss_of(rows, batch_sum=lambda mine, own=own: mine + (whole_sums - own)) * (rows.stop - rows.start) / batch
+             for rows, own in zip(shares, local)]
+    torch.testing.assert_close(sum(split), whole)
     grads = torch.autograd.grad(whole, [policy] + ([best] if name == "bond" else []))
-    split = torch.autograd.grad(sum(shares), [policy] + ([best] if name == "bond" else []))
-    for got, want in zip(split, grads):
+    split_grads = torch.autograd.grad(sum(split), [policy] + ([best] if name == "bond" else []))
+    for got, want in zip(split_grads, grads):
         torch.testing.assert_close(got, want)
-    # the default (no baseline arguments) baseline is the share's own: a different gradient
+    # without batch_sum the baseline is the share's own: a different gradient
     own = torch.autograd.grad(loss_of(slice(0, 2)) * 2 / batch + loss_of(slice(2, batch)) * 3 / batch, [policy])[0]
     assert not torch.allclose(own, grads[0])

@@ -3,7 +3,7 @@
 `on_nonfinite=skip` (the default) skips the step and counts it in metrics.jsonl
 (`skipped_step` on the step, `skipped_steps` the running total);
 `on_nonfinite=stop` ends the run with one line naming the step. Under the
-trainer, `TorchEngine.step` refuses a non-finite loss or gradient norm and
+trainer, `TorchOptimizer.step` refuses a non-finite loss or gradient norm and
 leaves parameters, optimizer moments and the LR schedule as they were.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 from fastbond.checkpoint import latest_checkpoint, load_checkpoint
 from fastbond.cli import main
 from fastbond.config import OptimConfig
-from fastbond.engine import TorchEngine
+from fastbond.engines.local import TorchOptimizer
 
 _module_names = (f"fastbond_nonfinite_rewards_{i}" for i in itertools.count())
 
@@ -91,7 +91,7 @@ def test_every_reward_nan_skips_every_step_and_leaves_the_weights(tmp_path, embe
         assert torch.equal(policy[name], tensor), name
 
     step, state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
-    assert step == 2 and state["skipped"] == 2
+    assert step == 2 and state["shared"]["skipped"] == 2
     assert state["engine"]["optimizer"]["state"] == {}  # no AdamW moment was ever written
     assert state["engine"]["scheduler"]["last_epoch"] == 0  # the warm-up did not advance
     for name, tensor in state["anchor"].items():  # nor did the EMA anchor move
@@ -110,7 +110,7 @@ def test_nan_on_some_calls_skips_only_those_steps(tmp_path, embedded_reference, 
     reference, policy = weights(embedded_reference), weights(run_dir / "policy")
     assert any(not torch.equal(policy[name], tensor) for name, tensor in reference.items())  # step 2 trained
     _, state = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
-    assert state["skipped"] == 1 and state["engine"]["scheduler"]["last_epoch"] == 1
+    assert state["shared"]["skipped"] == 1 and state["engine"]["scheduler"]["last_epoch"] == 1
 
 
 def test_on_nonfinite_stop_exits_2_naming_the_step(tmp_path, capsys, embedded_reference, reward_module):
@@ -133,16 +133,16 @@ def test_all_nan_step_with_the_progress_bar_on(tmp_path, embedded_reference, rew
 
 
 # ---------------------------------------------------------------------------
-# TorchEngine.step on its own
+# TorchOptimizer.step on its own
 
 
-def _engine() -> TorchEngine:
+def _engine() -> TorchOptimizer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    return TorchEngine(model, OptimConfig(lr=0.1, warmup_steps=10), torch.float32, torch.device("cpu"))
+    return TorchOptimizer(model, OptimConfig(lr=0.1, warmup_steps=10), torch.float32, torch.device("cpu"))
 
 
-def _loss(engine: TorchEngine) -> torch.Tensor:
+def _loss(engine: TorchOptimizer) -> torch.Tensor:
     return engine.model(torch.linspace(-1, 1, 12).view(3, 4)).pow(2).mean()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastbond import embedded
-from fastbond.errors import FastbondError
+from fastbond.errors import FastbondError, UserCodeError
 from fastbond.rewards import BUILTIN_REWARDS, load_reward, nonfinite_mask, sentiment_score
 
 _module_names = (f"user_rewards_{i}" for i in itertools.count())
@@ -126,9 +126,11 @@ def test_a_raising_reward_function(user_module):
             raise ValueError("cannot parse 'x'\\ntraceback detail")
         """
     )
-    with pytest.raises(FastbondError) as error:
+    with pytest.raises(UserCodeError) as error:
         load_reward("callable", f"{name}:score")(["p"], ["r"])
     assert str(error.value) == f"reward function {name}:score raised ValueError: cannot parse 'x'"
+    # the user's own exception, with its traceback, is the cause
+    assert isinstance(error.value.__cause__, ValueError) and error.value.__cause__.__traceback__ is not None
 
 
 @pytest.mark.parametrize(

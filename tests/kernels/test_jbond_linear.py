@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastbond.bon import jbond_reward
 from fastbond.kernels._backend import triton_available, triton_interpreted
 from fastbond.kernels.jbond_linear import jbond_linear_loss, jbond_linear_loss_ref
-from fastbond.losses import jbond_loss as jbond_loss_reference
-from fastbond.losses import leave_one_out_baseline
+from fastbond.kernels.jbond_loss import jbond_loss_ref as jbond_loss_reference
+from fastbond.kernels.sequences import leave_one_out_baseline
 
 lin = importlib.import_module("fastbond.kernels.linear_logprobs")
 CUDA = torch.cuda.is_available()

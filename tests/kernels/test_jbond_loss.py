@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fastbond.kernels._backend import triton_available, triton_interpreted
-from fastbond.kernels.jbond_loss import METRIC_NAMES, jbond_loss
-from fastbond.losses import jbond_loss as jbond_loss_reference
+from fastbond.kernels.jbond_loss import METRIC_NAMES, jbond_loss, jbond_returns
+from fastbond.kernels.jbond_loss import jbond_loss_ref as jbond_loss_reference
+from fastbond.kernels.sequences import sequence_logps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -276,23 +277,31 @@ def test_cuda_real_sizes(batch, length, dtype):
     assert torch.equal(again[0], loss) and torch.equal(again[2][0], grad_policy)
 
 
+def share_sums(inputs, shares):
+    """For each share, a `batch_sum` adding the other shares' [Σ R, count]: what an
+    all-reduce over ranks holding these shares returns."""
+    returns = jbond_returns(sequence_logps(inputs["policy_logps"], inputs["policy_mask"]),
+                            sequence_logps(inputs["anchor_logps"], inputs["policy_mask"]),
+                            inputs["rewards"], inputs["anchor_rewards"]).double()
+    local = [torch.stack([returns[rows].sum(), torch.tensor(float(rows.stop - rows.start), dtype=torch.float64)])
+             for rows in shares]
+    whole = sum(local)
+    return [lambda mine, own=own: mine + (whole - own) for own in local]
+
+
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("beta,gamma", [(0.5, 0.0), (1.0, 0.7)])
 def test_batch_baseline_over_two_shares_equals_the_whole_batch(backend, beta, gamma):
-    """A batch split in two shares (as over 2 ranks), each given the whole batch's Σ R and size:
-    the size-weighted losses and the gradients (scaled by share / batch, the gradient average over
-    ranks of equal shares) are the whole batch's."""
-    from fastbond.losses import jbond_returns
-
+    """A batch split in two shares (as over 2 ranks), each summing its returns with the other's
+    through `batch_sum`: the size-weighted losses and the gradients (scaled by share / batch, the
+    gradient average over ranks of equal shares) are the whole batch's."""
     inputs = make_batch(7)
     whole, _, (grad_policy, grad_best) = run(inputs, backend, beta, gamma)
-    returns = jbond_returns(inputs["policy_logps"], inputs["policy_mask"], inputs["anchor_logps"],
-                            inputs["rewards"], inputs["anchor_rewards"])
-    total = returns.sum()
+    shares = (slice(0, 3), slice(3, 7))
     losses, policy_grads, best_grads = [], [], []
-    for rows in (slice(0, 3), slice(3, 7)):
+    for rows, batch_sum in zip(shares, share_sums(inputs, shares)):
         share = {k: (v.detach()[rows].requires_grad_() if v.requires_grad else v[rows]) for k, v in inputs.items()}
-        kwargs = dict(beta=beta, gamma=gamma, baseline_sum=total, baseline_count=7)
+        kwargs = dict(beta=beta, gamma=gamma, batch_sum=batch_sum)
         if backend == "reference":
             loss, _ = jbond_loss_reference(**share, **kwargs)
         else:
@@ -307,7 +316,13 @@ def test_batch_baseline_over_two_shares_equals_the_whole_batch(backend, beta, ga
     torch.testing.assert_close(torch.cat(best_grads), grad_best, rtol=1e-5, atol=1e-6)
 
 
-def test_batch_baseline_arguments_go_together():
-    inputs = make_batch(3)
-    with pytest.raises(ValueError, match="go together"):
-        jbond_loss(**inputs, baseline_sum=torch.tensor(1.0), backend="chunked")
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_a_share_without_batch_sum_takes_its_own_baseline(backend):
+    """Without `batch_sum` each share's baseline is its own rows': different gradients."""
+    inputs = make_batch(7)
+    _, _, (grad_policy, _) = run(inputs, backend, 1.0, 0.0)
+    rows = slice(0, 3)
+    share = {k: (v.detach()[rows].requires_grad_() if v.requires_grad else v[rows]) for k, v in inputs.items()}
+    loss, _ = jbond_loss(**share, beta=1.0, gamma=0.0, backend=backend)
+    own = torch.autograd.grad(loss * 3.7 * 3 / 7, [share["policy_logps"]])[0]
+    assert not torch.allclose(own, grad_policy[rows], rtol=1e-4, atol=1e-6)

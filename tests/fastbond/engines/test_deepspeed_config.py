@@ -10,10 +10,10 @@ import re
 import pytest
 
 from fastbond.config import load_config
-from fastbond.engine import resolve_engine_kind
+from fastbond.engines import resolve_engine_kind
 from fastbond.errors import FastbondError
 
-deepspeed_engine = pytest.importorskip("fastbond.deepspeed_engine")
+from fastbond.engines.deepspeed import config as deepspeed_config
 
 
 def config(*overrides):
@@ -21,7 +21,7 @@ def config(*overrides):
 
 
 def test_zero3_bf16_config_from_fastbond_keys():
-    ds = deepspeed_engine.build_deepspeed_config(
+    ds = deepspeed_config.build_deepspeed_config(
         config("engine.zero_stage=3", "model.dtype=bfloat16", "optim.lr=3e-6", "optim.max_grad_norm=0.5",
                "optim.betas=[0.8, 0.95]", "optim.weight_decay=0.1"),
         world_size=8,
@@ -34,19 +34,19 @@ def test_zero3_bf16_config_from_fastbond_keys():
     assert ds["zero_optimization"]["stage"] == 3
     assert "offload_optimizer" not in ds["zero_optimization"] and "offload_param" not in ds["zero_optimization"]
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
-    assert "scheduler" not in ds  # the warm-up is fastbond's own LambdaLR, as in TorchEngine
+    assert "scheduler" not in ds  # the warm-up is fastbond's own LambdaLR, as in TorchOptimizer
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_lower_stages_and_precisions(stage):
-    ds = deepspeed_engine.build_deepspeed_config(config(f"engine.zero_stage={stage}", "model.dtype=float16"), 2)
+    ds = deepspeed_config.build_deepspeed_config(config(f"engine.zero_stage={stage}", "model.dtype=float16"), 2)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
     assert ds["train_micro_batch_size_per_gpu"] == 8
 
 
 def test_offload_switches_to_deepspeeds_cpu_adam():
-    ds = deepspeed_engine.build_deepspeed_config(
+    ds = deepspeed_config.build_deepspeed_config(
         config("engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true"), 4)
     zero = ds["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
@@ -57,7 +57,7 @@ def test_user_json_is_merged_over_the_generated_config_and_wins(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0},
                                 "optimizer": {"params": {"eps": 1e-6}}, "steps_per_print": 7}))
-    ds = deepspeed_engine.build_deepspeed_config(
+    ds = deepspeed_config.build_deepspeed_config(
         config("engine.zero_stage=3", f"engine.deepspeed_config={path}"), 2)
     assert ds["zero_optimization"] == {**ds["zero_optimization"], "stage": 3, "stage3_param_persistence_threshold": 0}
     assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["optimizer"]["params"]["lr"] == 3e-6
@@ -78,21 +78,21 @@ def test_bad_override_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "ds.json"
     path.write_text(content)
     with pytest.raises(FastbondError, match=re.escape(message)) as error:
-        deepspeed_engine.build_deepspeed_config(config(f"engine.deepspeed_config={path}"), 2)
+        deepspeed_config.build_deepspeed_config(config(f"engine.deepspeed_config={path}"), 2)
     assert "\n" not in str(error.value)
 
 
 def test_batch_must_split_evenly_over_ranks():
     with pytest.raises(FastbondError, match="rollout.batch_size=16 is not divisible by the 3 ranks"):
-        deepspeed_engine.build_deepspeed_config(config(), 3)
+        deepspeed_config.build_deepspeed_config(config(), 3)
 
 
 def test_inference_config_partitions_like_the_policy_without_an_optimizer():
-    ds = deepspeed_engine.build_deepspeed_config(
+    ds = deepspeed_config.build_deepspeed_config(
         config("engine.zero_stage=3", "engine.offload_optimizer=true", "engine.offload_params=true"), 2)
     ds["zero_optimization"]["zero_hpz_partition_size"] = 8
     ds["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
-    frozen = deepspeed_engine.inference_config(ds)
+    frozen = deepspeed_config.inference_config(ds)
     assert "optimizer" not in frozen and "offload_optimizer" not in frozen["zero_optimization"]
     assert frozen["zero_optimization"]["offload_param"] == ds["zero_optimization"]["offload_param"]
     assert frozen["zero_optimization"]["stage"] == 3

@@ -1,17 +1,11 @@
-"""DeepSpeed ZeRO behind the engine seam; the only module of fastbond that imports deepspeed.
-
-Launch with `deepspeed --num_gpus K --module fastbond train CONFIG` and
-`engine.zero_stage: 0|1|2|3` (plus `offload_optimizer`, `offload_params`).
-The DeepSpeed JSON is generated from fastbond's config by
-`build_deepspeed_config`; a file named by `engine.deepspeed_config` is merged
-over it and wins.
+"""DeepSpeed ZeRO machinery: the policy's optimizer, frozen and anchor models partitioned like it,
+sampling and export under ZeRO-3.
 
 What lives here:
 
   init_distributed()          the process group (nccl on CUDA, gloo on CPU) and this rank's device
-  build_deepspeed_config()    the DeepSpeed JSON of a fastbond config, for K ranks
-  DeepSpeedEngine             TorchEngine's seam (autocast, step, lr) plus sharded checkpoints and
-                              a consolidated transformers export
+  ZeroOptimizer               the policy under `deepspeed.initialize`: TorchOptimizer's methods (autocast,
+                              step, lr) plus sharded checkpoints and a consolidated transformers export
   shard_for_inference()       a frozen model (reference, reward, anchor) as a ZeRO-3 inference engine
   build_anchor()              the J-BOND anchor, partitioned exactly like the policy
   gathered_for_generation()   sampling under ZeRO-3: all weights gathered once per rollout phase,
@@ -48,7 +42,6 @@ The ZeRO-3 traps of SPEC §8 and where each is handled:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -67,16 +60,14 @@ from torch import nn
 
 from fastbond.anchor import ShardedEMAAnchor
 from fastbond.config import TrainConfig
-from fastbond.engine import warmup_lambda
+from fastbond.engines.deepspeed.config import inference_config, zero_stage_of
+from fastbond.engines.local import warmup_lambda
 from fastbond.errors import FastbondError
-from fastbond.models import DTYPES
+from fastbond.models import compute_dtype
 
 # DeepSpeed logs its whole config and every engine's set-up at INFO on each rank.
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 deepspeed.utils.logger.setLevel(logging.WARNING)
-
-# fastbond steps the optimizer once per rollout batch; these settings would change that meaning.
-_FORBIDDEN_OVERRIDES = {"gradient_accumulation_steps": 1}
 
 # module → (DeepSpeed engine, the object that owns its ZeRO-3 hooks), for the engines built here.
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -114,122 +105,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-# --------------------------------------------------------------------------- #
-# config
-# --------------------------------------------------------------------------- #
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def _find_auto(tree, path: str = "") -> str | None:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            found = _find_auto(value, f"{path}.{key}" if path else key)
-            if found:
-                return found
-    return path if tree == "auto" else None
-
-
-def read_deepspeed_json(path: str) -> dict:
-    try:
-        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError:
-        raise FastbondError(f"engine.deepspeed_config: cannot read {path}") from None
-    except json.JSONDecodeError as error:
-        raise FastbondError(f"engine.deepspeed_config: {path} line {error.lineno} is not valid JSON") from None
-    if not isinstance(loaded, dict):
-        raise FastbondError(f"engine.deepspeed_config: {path} must hold a JSON object")
-    return loaded
-
-
-def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config of a fastbond run on `world_size` ranks.
-
-    One optimizer step per rollout batch: each rank takes batch_size / K
-    prompts, gradients are averaged over ranks (so the step equals the
-    one-process step on the whole batch), AdamW and the linear warm-up match
-    `TorchEngine`. Low precision is DeepSpeed's own (bf16/fp16 weights, fp32
-    master copy in the optimizer), not autocast.
-    """
-    engine = config.engine
-    batch = config.rollout.batch_size
-    if world_size < 1 or batch % world_size:
-        raise FastbondError(f"rollout.batch_size={batch} is not divisible by the {world_size} ranks")
-    dtype = config.model.dtype
-    zero: dict = {"stage": engine.zero_stage}
-    pin = torch.cuda.is_available()  # pinned host memory needs a GPU driver
-    if engine.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if engine.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    if engine.zero_stage >= 2:
-        zero.update({"overlap_comm": True, "contiguous_gradients": True})
-    if engine.zero_stage == 3:
-        # fastbond exports the fp32 master weights itself (consolidated_state_dict).
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    optimizer_params = {
-        "lr": config.optim.lr,
-        "betas": list(config.optim.betas),
-        "eps": 1e-8,  # torch.optim.AdamW's default, as in TorchEngine
-        "weight_decay": config.optim.weight_decay,
-    }
-    if not engine.offload_optimizer:
-        # torch.optim.AdamW: the same update as TorchEngine and no CUDA op to compile;
-        # with offload DeepSpeed requires its CPU Adam.
-        optimizer_params["torch_adam"] = True
-    ds = {
-        "train_micro_batch_size_per_gpu": batch // world_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": batch,
-        "gradient_clipping": config.optim.max_grad_norm,
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
-        "fp16": {"enabled": dtype == "float16", "loss_scale": 0, "initial_scale_power": 16},
-        "wall_clock_breakdown": False,
-    }
-    if engine.deepspeed_config:
-        ds = _merge(ds, read_deepspeed_json(engine.deepspeed_config))
-        auto = _find_auto(ds)
-        if auto:
-            raise FastbondError(f"engine.deepspeed_config: '{auto}' is \"auto\"; fastbond needs a value (or leave it out)")
-        for key, required in _FORBIDDEN_OVERRIDES.items():
-            if ds.get(key, required) != required:
-                raise FastbondError(f"engine.deepspeed_config: '{key}' must be {required} (one optimizer step per rollout batch)")
-        if "scheduler" in ds:
-            raise FastbondError("engine.deepspeed_config: 'scheduler' is set by fastbond (optim.warmup_steps); remove it")
-    return ds
-
-
-def zero_stage_of(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def inference_config(ds_config: dict) -> dict:
-    """The ZeRO-3 config of a frozen model partitioned like the policy (same ranks, same shards).
-
-    No optimizer; no quantized or hpZ secondary copies (DeepSpeed never
-    refreshes those for frozen weights, so an anchor's would go stale after
-    its first EMA).
-    """
-    ds = copy.deepcopy(ds_config)
-    for key in ("optimizer", "scheduler"):
-        ds.pop(key, None)
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = 3
-    zero.pop("offload_optimizer", None)
-    zero["zero_hpz_partition_size"] = 1
-    zero["zero_quantized_weights"] = False
-    zero["zero_quantized_nontrainable_weights"] = False
-    return ds
 
 
 # --------------------------------------------------------------------------- #
@@ -299,11 +174,11 @@ def release_gathered(module: nn.Module) -> None:
     owner.get_param_coordinator().release_and_reset_all(owner.module)
 
 
-class DeepSpeedEngine:
-    """The policy's optimizer under DeepSpeed ZeRO: the same seam as `TorchEngine`.
+class ZeroOptimizer:
+    """The policy's optimizer under DeepSpeed ZeRO: the methods of `TorchOptimizer`, and more.
 
     `step(loss)` → (applied, grad_norm): backward, gradient averaging over
-    ranks, clipping, AdamW, warm-up. As in TorchEngine a non-finite loss is
+    ranks, clipping, AdamW, warm-up. As in TorchOptimizer a non-finite loss is
     never back-propagated and a non-finite gradient leaves weights, moments
     and schedule untouched; both decisions are taken by all ranks together
     (a rank that alone skipped its backward would hang the others).
@@ -314,7 +189,7 @@ class DeepSpeedEngine:
         self.ds_config = ds_config
         self.device = device
         self.zero_stage = zero_stage_of(ds_config)
-        self.compute_dtype = DTYPES[config.model.dtype]
+        self.compute_dtype = compute_dtype(config)
         _cast_parameters(model, self.compute_dtype)
         if self.zero_stage == 3:
             _partition(model, ds_config, self.compute_dtype)
@@ -465,7 +340,7 @@ class DeepSpeedEngine:
         return export_pretrained(self.model, path, tokenizer, dtype)
 
 
-def build_anchor(engine: DeepSpeedEngine, anchor_model: nn.Module) -> ShardedEMAAnchor:
+def build_anchor(engine: ZeroOptimizer, anchor_model: nn.Module) -> ShardedEMAAnchor:
     """The anchor of a DeepSpeed policy: `anchor_model` (same architecture) partitioned like it.
 
     ZeRO-3: a ZeRO-3 inference engine under the policy's config, so the

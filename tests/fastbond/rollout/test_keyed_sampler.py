@@ -7,8 +7,16 @@ any row samples; and it samples from softmax(logits / T), as `generate` does.
 
 import torch
 
-from fastbond.algorithms import Prompts
-from fastbond.rollout import KeyedGumbel, KeyedNoise, combine_keys, encode_prompts, hash32, keyed_uniform, sample
+from fastbond.rollout import (
+    KeyedGumbel,
+    KeyedNoise,
+    Prompts,
+    combine_keys,
+    encode_prompts,
+    hash32,
+    keyed_uniform,
+    sample,
+)
 
 
 def test_uniforms_are_a_function_of_their_keys():

@@ -10,28 +10,36 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from fastbond.algorithms import ALGORITHMS
 from fastbond.anchor import EMAAnchor
-from fastbond.config import ALGORITHMS, load_config
+from fastbond.config import load_config
 from fastbond.logprobs import response_logprobs
 from fastbond.presets import embedded_preset
 from fastbond.rollout import encode_prompts, sample
-from fastbond.trainer import train
+from fastbond.train import train
 
 TINY = [
     "steps=2",
     "rollout.batch_size=4",
     "rollout.max_new_tokens=8",
-    "algorithm.n=4",
-    "algorithm.mc_samples=4",
-    "algorithm.anchor_period=1",
     "evaluation.at_end=false",
     "logging.progress=false",
     "cpu_threads=1",
 ]
+# Each algorithm's section at a tiny size (keys of other algorithms are errors).
+TINY_SECTIONS = {
+    "jbond": [],
+    "bond": ["algorithm.n=4", "algorithm.mc_samples=4"],
+    "iterative_bond": ["algorithm.n=4", "algorithm.mc_samples=4", "algorithm.anchor_period=1"],
+    "vbon": ["algorithm.n=4", "algorithm.mc_samples=4"],
+    "bonbon": ["algorithm.n=4"],
+    "rloo": [],
+}
 
 
-def tiny_config(tmp_path, *overrides):
-    return load_config(embedded_preset(), TINY + [f"run_dir={tmp_path / 'run'}"] + list(overrides))
+def tiny_config(tmp_path, *overrides, algorithm: str = "jbond"):
+    section = [f"algorithm.name={algorithm}"] + TINY_SECTIONS[algorithm]
+    return load_config(embedded_preset(), TINY + section + [f"run_dir={tmp_path / 'run'}"] + list(overrides))
 
 
 def policy_weights(run_dir):
@@ -58,7 +66,7 @@ def test_fused_logprobs_match_the_models_own_logits(reference):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_trains_a_few_steps(tmp_path, embedded_reference, algorithm):
-    config = tiny_config(tmp_path, f"algorithm.name={algorithm}")
+    config = tiny_config(tmp_path, algorithm=algorithm)
     run_dir = train(config)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -95,7 +103,7 @@ def test_anchor_keeps_fp32_state_under_a_bf16_model(reference):
 
 
 def _resume_overrides(steps):
-    return [f"steps={steps}", "checkpoint.every=2", "algorithm.name=jbond", "anchor.eta=0.3"]
+    return [f"steps={steps}", "checkpoint.every=2", "algorithm.eta=0.3"]
 
 
 def test_resume_continues_exactly(tmp_path, embedded_reference):
@@ -145,7 +153,7 @@ def test_resume_after_a_save_killed_midway(tmp_path, embedded_reference, monkeyp
 def test_eval_command_judges_a_trained_run(tmp_path, embedded_reference):
     from fastbond.cli import main
 
-    run_dir = train(tiny_config(tmp_path, "algorithm.name=jbond"))
+    run_dir = train(tiny_config(tmp_path))
     code = main(["eval", str(run_dir), "evaluation.max_prompts=4", "evaluation.reference_samples=16",
                  "evaluation.policy_samples=2"])
     assert code == 0
@@ -169,17 +177,17 @@ def test_example_gemma_config_is_valid(tmp_path):
     prompts.write_text('{"prompt": "hi"}\n')
     config = load_config(example, [f"model.policy={tmp_path / 'sft'}", f"reward.name={tmp_path / 'rm'}",
                                    f"data.prompts={prompts}", f"data.eval_prompts={prompts}"])
-    assert config.algorithm.name == "jbond" and config.optim.lr == 3e-6 and config.anchor.eta == 0.02
+    assert config.algorithm.name == "jbond" and config.optim.lr == 3e-6 and config.algorithm.eta == 0.02
     assert config.model.dtype == "bfloat16" and config.rollout.batch_size == 128
 
 
 def test_bonbon_resume_reuses_its_offline_pairs(tmp_path, embedded_reference):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cast was\nreview of the dark river :\n")
-    overrides = ["checkpoint.every=2", "algorithm.name=bonbon", f"data.prompts={prompts}"]
-    straight = train(tiny_config(tmp_path / "a", "steps=4", *overrides))
-    train(tiny_config(tmp_path / "b", "steps=2", *overrides))
-    resumed = train(tiny_config(tmp_path / "b", "steps=4", "checkpoint.resume=true", *overrides))
+    overrides = ["checkpoint.every=2", f"data.prompts={prompts}"]
+    straight = train(tiny_config(tmp_path / "a", "steps=4", *overrides, algorithm="bonbon"))
+    train(tiny_config(tmp_path / "b", "steps=2", *overrides, algorithm="bonbon"))
+    resumed = train(tiny_config(tmp_path / "b", "steps=4", "checkpoint.resume=true", *overrides, algorithm="bonbon"))
     expected, got = policy_weights(straight), policy_weights(resumed)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

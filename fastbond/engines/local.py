@@ -1,0 +1,160 @@
+"""One process, plain PyTorch (CPU or one GPU): the engine of `engine.kind: torch`.
+
+`TorchOptimizer` is the update itself — AdamW, linear warm-up, gradient
+clipping, and a guard that keeps a non-finite loss or gradient out of the
+weights. `LocalEngine` adds what a run needs around it: the models on one
+device (an fp32 policy, low precision through autocast; an anchor whose EMA
+state is fp32), atomic checkpoints (`fastbond.checkpoint`) and the export.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastbond.anchor import EMAAnchor
+from fastbond.checkpoint import load_checkpoint, save_checkpoint
+from fastbond.config import OptimConfig
+from fastbond.engines.base import Engine, Models
+from fastbond.errors import FastbondError
+from fastbond.models import (
+    compute_dtype,
+    load_frozen,
+    load_policy,
+    load_run_reward,
+    load_tokenizer,
+    model_sources,
+    resolve_device,
+)
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up from 1/warmup to 1, then constant (the paper's schedule)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class TorchOptimizer:
+    """AdamW with warm-up and clipping on one process's model; non-finite steps are not applied."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, compute_dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(optim.warmup_steps))
+        self.max_grad_norm = optim.max_grad_norm
+
+    def autocast(self):
+        """Mixed precision on CUDA when a low-precision dtype is asked for; master weights stay fp32."""
+        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return nullcontext()
+
+    def step(self, loss: torch.Tensor) -> tuple[bool, float]:
+        """Backward, clip, update. Returns (applied, grad_norm).
+
+        A non-finite loss is never back-propagated, and a non-finite gradient
+        norm discards the gradients: in both cases the weights, the optimizer
+        moments and the schedule are left as they were.
+        """
+        if not torch.isfinite(loss.detach()).item():
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, math.nan
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        if not torch.isfinite(grad_norm).item():
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, float(grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True, float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: Path) -> Path:
+    """`model` (and its tokenizer) in transformers format, safetensors, replacing `path` in one rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+class LocalEngine(Engine):
+    def __init__(self, config):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.models: Models | None = None
+        self.optimizer: TorchOptimizer | None = None
+
+    def build(self, config, needs_anchor: bool, checkpoint: Path | None) -> Models:
+        policy_source, reference_source = model_sources(config)
+        dtype = compute_dtype(config)
+        tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
+        # The policy keeps fp32 master weights; low precision is used through autocast.
+        policy = load_policy(config, checkpoint / "policy" if checkpoint else policy_source, torch.float32,
+                             self.device)
+        self.models = Models(
+            tokenizer=tokenizer,
+            policy=policy,
+            reference=load_frozen(config, reference_source, dtype, self.device),
+            reward_fn=load_run_reward(config, tokenizer, self.device, dtype),
+            anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
+        )
+        self.optimizer = TorchOptimizer(policy, config.optim, dtype, self.device)
+        return self.models
+
+    def evaluation_models(self, policy_dir: Path) -> Models:
+        return self.models  # the run's own models: nothing to load again
+
+    def autocast(self):
+        return self.optimizer.autocast()
+
+    def step(self, loss: torch.Tensor) -> tuple[bool, float]:
+        return self.optimizer.step(loss)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    def save(self, checkpoints_dir: Path, step: int, shared: dict, own: dict, keep: int) -> Path:
+        state = {"shared": shared, "own": own, "engine": self.optimizer.state_dict()}
+        if self.models.anchor is not None:
+            state["anchor"] = self.models.anchor.state_dict()
+        return save_checkpoint(checkpoints_dir, step, self.models.policy, self.models.tokenizer, state, keep=keep)
+
+    def restore(self, checkpoint: Path) -> tuple[int, dict, dict]:
+        """The policy's weights came with `build`; optimizer, schedule and anchor come back here."""
+        if (checkpoint / "zero").is_dir():
+            raise FastbondError(f"checkpoint {checkpoint} was written by a DeepSpeed run; resume it under DeepSpeed")
+        step, state = load_checkpoint(checkpoint)
+        self.optimizer.load_state_dict(state["engine"])
+        if self.models.anchor is not None:
+            self.models.anchor.load_state_dict(state["anchor"])
+        return step, state["shared"], state["own"]
+
+    def export(self, path: Path) -> None:
+        save_pretrained_atomic(self.models.policy, self.models.tokenizer, path)

@@ -1,0 +1,31 @@
+"""Rollouts: the prompts of a step, the responses sampled for them, and how they are sampled.
+
+    samples.py    `Prompts` (a step's prompts and their place in the whole batch) and `Samples`
+                  (left-padded prompts + right-padded responses, the response mask), packing helpers
+    generate.py   `sample`: one response per row with transformers' `generate`, from π itself
+                  (top-k and top-p off), and `encode_prompts`
+    keyed.py      `rollout.sampler: keyed`: Gumbel-max with hashed noise, so a row's draw does not
+                  depend on how the batch is split over ranks
+
+Two samplers (config `rollout.sampler`): `torch` draws with `generate`'s own
+multinomial sampling from the global torch generator; `keyed` with
+`KeyedNoise` row keys.
+"""
+
+from fastbond.rollout.generate import encode_prompts, response_mask_from, sample
+from fastbond.rollout.keyed import KeyedGumbel, KeyedNoise, combine_keys, hash32, keyed_uniform
+from fastbond.rollout.samples import Prompts, Samples, concat_samples
+
+__all__ = [
+    "KeyedGumbel",
+    "KeyedNoise",
+    "Prompts",
+    "Samples",
+    "combine_keys",
+    "concat_samples",
+    "encode_prompts",
+    "hash32",
+    "keyed_uniform",
+    "response_mask_from",
+    "sample",
+]

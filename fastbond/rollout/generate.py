@@ -1,0 +1,98 @@
+"""Sampling with transformers' `generate`: responses drawn from the model's own distribution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastbond.errors import FastbondError
+from fastbond.rollout.samples import Samples
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device: torch.device):
+    """Left-padded prompt ids and mask; a prompt over the limit is an error naming it."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    lengths = encoded["attention_mask"].sum(-1)
+    too_long = (lengths > max_prompt_tokens).nonzero().flatten().tolist()
+    if too_long:
+        i = too_long[0]
+        raise FastbondError(
+            f"prompt {i} has {int(lengths[i])} tokens, over data.max_prompt_tokens={max_prompt_tokens}: "
+            f"{prompts[i][:60]!r}"
+        )
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def response_mask_from(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """[B, T] bool: tokens up to and including the first EOS (all tokens if none)."""
+    is_eos = torch.zeros_like(responses, dtype=torch.bool)
+    for eos in eos_token_ids:
+        is_eos |= responses == eos
+    # Number of EOS strictly before each position: 0 means "still in the response".
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    return eos_before == 0
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    synced_gpus: bool = False,
+    row_keys: torch.Tensor | None = None,
+) -> Samples:
+    """One response per prompt, drawn from the model's own distribution.
+
+    top_k=0 and top_p=1 are passed explicitly: many checkpoints ship a
+    generation_config with top_k=50 or top_p<1, and a truncated sampler would
+    draw from a distribution other than the π whose log-probs the loss uses.
+    `synced_gpus`: keep stepping until every rank is done — needed when a
+    ZeRO-3 model gathers its layers during generation (each forward is a
+    collective), see `fastbond.engines.deepspeed.zero3.gathered_for_generation`.
+    `row_keys` ([B] int64): sample with the keyed sampler (`fastbond.rollout.keyed.KeyedGumbel`)
+    instead of the global torch generator.
+    """
+    was_training = model.training
+    model.eval()
+    eos_ids = _eos_ids(model, tokenizer)
+    if row_keys is None:
+        how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        from transformers import LogitsProcessorList
+
+        from fastbond.rollout.keyed import KeyedGumbel
+
+        # Greedy over the keyed-noise scores; no warper may reshape them.
+        how = dict(do_sample=False, temperature=None, top_k=None, top_p=None,
+                   logits_processor=LogitsProcessorList([KeyedGumbel(row_keys, prompt_ids.shape[1], temperature)]))
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        **how,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids or None,
+        synced_gpus=synced_gpus,
+    )
+    model.train(was_training)
+    prompt_length = prompt_ids.shape[1]
+    responses = output[:, prompt_length:]
+    mask = response_mask_from(responses, eos_ids)
+    # Pad after the first EOS, so identical responses are identical tensors.
+    responses = torch.where(mask, responses, torch.full_like(responses, tokenizer.pad_token_id))
+    sequences = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Samples(sequences, attention_mask, mask, prompt_length, texts)

@@ -1,0 +1,304 @@
+"""The training loop of `fastbond train`: read it top to bottom.
+
+    prompts → rollout (samples + rewards) → log-probs + loss → optimizer step
+            → anchor move → metrics / checkpoint
+
+`setup_run` builds the run: an engine (`fastbond.engines`: one process, or
+DeepSpeed over K ranks), the models it places, the algorithm
+(`fastbond.algorithms`), the prompt stream, and the state of a checkpoint
+when resuming. `train` then does one step after another. The loop knows
+neither the algorithm's details nor how many processes share the work: each
+rank runs it on its share of every step's batch, and the engine's methods
+are collectives where they need to be.
+
+A step that fails before the optimizer touched the weights (the reward
+function raised, a model's forward failed, a reward had the wrong shape)
+leaves the run as it was after the previous step; in one process that state
+is saved as a checkpoint before the error is shown (`StepFailed`), so
+`checkpoint.resume=true` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from fastbond.algorithms import make_algorithm
+from fastbond.algorithms.base import Algorithm, Context
+from fastbond.checkpoint import latest_checkpoint, rng_state, set_rng_state
+from fastbond.config import TrainConfig, to_dict
+from fastbond.data import PromptStream, check_prompt_lengths, resolve_prompts
+from fastbond.engines import Engine, Models, make_engine
+from fastbond.errors import FastbondError, StepFailed
+from fastbond.metrics_log import MetricsLog, read_metrics
+from fastbond.process import prepare_process
+from fastbond.rollout import KeyedNoise, Prompts, combine_keys, encode_prompts
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (generate / logprobs / backward / ema)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {}
+        return {f"time/{phase}": value for phase, value in seconds.items()}
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    run_dir: Path
+    engine: Engine
+    models: Models
+    algorithm: Algorithm
+    ctx: Context
+    stream: PromptStream
+    eval_prompts: list[str]
+    step: int = 0  # the last completed step
+    skipped: int = 0
+    # Set once a step's optimizer update begins: from then on the weights may have moved.
+    updating: bool = field(default=False, repr=False)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+# --------------------------------------------------------------------------- #
+# set-up
+# --------------------------------------------------------------------------- #
+
+
+def setup_run(config: TrainConfig) -> Run:
+    engine = make_engine(config)
+    # Each rank its own random stream (rollout.sampler=torch draws from it); rank 0 the run's seed.
+    prepare_process(config, engine.device, config.seed if engine.main else combine_keys(config.seed, engine.rank))
+    run_dir = Path(config.run_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
+    if config.checkpoint.resume and checkpoint is None:
+        raise FastbondError(f"checkpoint.resume=true but {run_dir / 'checkpoints'} holds no checkpoint")
+
+    algorithm = make_algorithm(config.algorithm)
+    models = engine.build(config, algorithm.needs_anchor, checkpoint)
+    train_prompts = resolve_prompts(config.data.prompts, "train")
+    eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    limit = config.data.max_prompt_tokens
+    check_prompt_lengths(models.tokenizer, train_prompts, limit, f"data.prompts ({config.data.prompts})")
+    check_prompt_lengths(models.tokenizer, eval_prompts, limit, f"data.eval_prompts ({config.data.eval_prompts})")
+
+    ctx = Context(
+        models.policy, models.reference, models.tokenizer, models.reward_fn, models.anchor,
+        max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+        generation=engine.generation, batch_sum=engine.batch_sum,
+        noise=KeyedNoise(config.seed) if config.rollout.sampler == "keyed" else None,
+    )
+    # The prompt stream is the same on every rank; each takes its share of a batch.
+    stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
+    run = Run(config, run_dir, engine, models, algorithm, ctx, stream, eval_prompts)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    return run
+
+
+# --------------------------------------------------------------------------- #
+# checkpoints
+# --------------------------------------------------------------------------- #
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of `run.step`: the engine's weights, optimizer and anchor, and the loop's state."""
+    shared = {"data": run.stream.state_dict(), "skipped": run.skipped}
+    own = {"rng": rng_state(), "algorithm": run.algorithm.state_dict()}
+    return run.engine.save(run.checkpoints_dir, run.step, shared, own, keep=run.config.checkpoint.keep)
+
+
+def restore(run: Run, checkpoint: Path) -> None:
+    run.step, shared, own = run.engine.restore(checkpoint)
+    run.stream.load_state_dict(shared["data"])
+    run.skipped = int(shared["skipped"])
+    run.algorithm.load_state_dict(own["algorithm"])
+    set_rng_state(own["rng"])
+
+
+@dataclass
+class StepStart:
+    """The loop's state as a step begins, cheap to keep: with the weights untouched,
+    this is the state after the previous step."""
+
+    data: dict
+    rng: dict
+    skipped: int
+
+    @staticmethod
+    def of(run: Run) -> "StepStart":
+        return StepStart(run.stream.state_dict(), rng_state(), run.skipped)
+
+    def restore(self, run: Run) -> None:
+        run.stream.load_state_dict(self.data)
+        set_rng_state(self.rng)
+        run.skipped = self.skipped
+
+
+def rescue(run: Run, failed_step: int, start: StepStart) -> str:
+    """After step `failed_step` raised: save what can be saved; a note on how to resume."""
+    resume = f"fix the cause, then rerun with checkpoint.resume=true (run_dir={run.run_dir})"
+    previous = latest_checkpoint(run.checkpoints_dir) if run.checkpoints_dir.is_dir() else None
+    fallback = f"the last checkpoint is {previous.name}" if previous else "no checkpoint was written"
+    if run.updating:
+        return f"the weights may have changed mid-update, so nothing more was saved; {fallback}; {resume}"
+    if run.engine.world > 1:
+        return f"other ranks may be waiting on this one, so nothing more was saved; {fallback}; {resume}"
+    if failed_step == 1:
+        return "no step had completed, so there is nothing to resume: rerun from the start once fixed"
+    if previous is not None and previous.name == f"step-{failed_step - 1:06d}":
+        return f"the last completed step is saved as {previous}; {resume}"
+    start.restore(run)
+    run.step = failed_step - 1
+    saved = save(run)
+    return f"saved the last completed step as {saved}; {resume}"
+
+
+# --------------------------------------------------------------------------- #
+# one step
+# --------------------------------------------------------------------------- #
+
+
+def train_step(run: Run, timer: PhaseTimer) -> dict:
+    """Step `run.step + 1` on this rank's share of the batch; returns its metrics
+    (a skipped step says so in `skipped_step`)."""
+    config, ctx, engine = run.config, run.ctx, run.engine
+    texts = run.stream.next_batch()
+    share = len(texts) // engine.world  # this rank's prompts of the batch
+    first = engine.rank * share
+    texts = texts[first : first + share]
+    if ctx.noise is not None:
+        ctx.noise.start_step(run.step + 1)
+    with timer("generate"):
+        ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, engine.device)
+        batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
+    reward = batch.policy_rewards.float()
+    metrics: dict = {"reward": reward.nanmean() if reward.numel() else reward}
+    finite = all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
+    if not engine.all_true(finite):  # all ranks skip together, or none does
+        return _skip(run, metrics, "the reward function returned NaN or Inf")
+    with timer("logprobs"), engine.autocast():
+        loss, loss_metrics = run.algorithm.loss(ctx, batch)
+    metrics.update(loss_metrics)
+    with timer("backward"):
+        run.updating = True
+        applied, grad_norm = engine.step(loss)
+    if not applied:
+        run.updating = False
+        return _skip(run, metrics, "the loss or its gradient is NaN or Inf")
+    with timer("ema"):
+        run.algorithm.after_step(ctx, run.step + 1)
+    run.updating = False
+    metrics.update({"grad_norm": grad_norm, "lr": engine.lr, "skipped_steps": run.skipped})
+    return metrics
+
+
+def _skip(run: Run, metrics: dict, why: str) -> dict:
+    run.skipped += 1
+    if run.config.on_nonfinite == "stop":
+        raise FastbondError(f"step {run.step + 1}: {why}; stopping (on_nonfinite=stop)")
+    metrics.update({"skipped_step": 1.0, "skipped_steps": run.skipped})
+    return metrics
+
+
+# --------------------------------------------------------------------------- #
+# the loop
+# --------------------------------------------------------------------------- #
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for the progress bar; a skipped step's metrics are None (NaN)."""
+    return "nan" if value is None else f"{value:.{digits}f}"
+
+
+def _progress(run: Run, total: int):
+    if not run.config.logging.progress or not run.engine.main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=run.step, desc=f"{run.config.algorithm.name}", unit="step", dynamic_ncols=True)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run training as configured; returns the run directory."""
+    run = setup_run(config)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    log = None
+    if run.engine.main:
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        log = MetricsLog(run.run_dir, to_dict(config), config.logging.tensorboard, config.logging.wandb,
+                         config.logging.wandb_project, resume_step=run.step if config.checkpoint.resume else None)
+    timer = PhaseTimer(run.engine.device)
+    bar = _progress(run, config.steps)
+    try:
+        while run.step < config.steps:
+            started, start = time.perf_counter(), StepStart.of(run)
+            try:
+                metrics = train_step(run, timer)
+            except FastbondError as error:  # still one line, now with what was saved
+                raise FastbondError(f"{error}; {rescue(run, run.step + 1, start)}") from None
+            except Exception as error:  # user code (or a bug): its traceback is shown, then the note
+                raise StepFailed(run.step + 1, rescue(run, run.step + 1, start)) from error
+            run.step += 1
+            metrics.update(timer.pop())
+            metrics["samples_per_s"] = config.rollout.batch_size / (time.perf_counter() - started)
+            if run.step % config.logging.every == 0 or run.step == config.steps:
+                record = run.engine.reduce_metrics(metrics)
+                if log is not None:
+                    record = log.write(run.step, record)
+                if bar is not None:
+                    bar.set_postfix(reward=_fmt(record["reward"]), kl=_fmt(record.get("kl_ref")),
+                                    samples_s=_fmt(record["samples_per_s"], 1))
+            if bar is not None:
+                bar.update(1)
+            every = config.checkpoint.every
+            if (every and run.step % every == 0) or run.step == config.steps:
+                save(run)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    run.engine.export(run.run_dir / "policy")
+    if run.engine.main:
+        finish(run)
+    return run.run_dir
+
+
+def finish(run: Run) -> None:
+    """Evaluate against Best-of-N of π_ref and draw the report."""
+    from fastbond.evaluate import evaluate_models, format_evaluation
+    from fastbond.report import write_report
+
+    evaluation = None
+    if run.config.evaluation.at_end:
+        models = run.engine.evaluation_models(run.run_dir / "policy")
+        evaluation = evaluate_models(models, run.config, run.eval_prompts)
+        (run.run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        print(format_evaluation(evaluation))
+    write_report(read_metrics(run.run_dir / "metrics.jsonl"), evaluation, run.run_dir / "report.png",
+                 title=f"{run.config.algorithm.name} on {run.config.model.policy}")
+    print(f"run directory: {run.run_dir} (policy/, metrics.jsonl, report.png{', eval.json' if evaluation else ''})")
