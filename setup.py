@@ -5,7 +5,7 @@
 package of that name that transformers probes for.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastbond",
@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastbond", "fastbond.kernels"],
+    packages=["fastbond", "fastbond.kernels"] + [f"fastbond.{name}" for name in find_packages("fastbond")],
     package_dir={"fastbond": "fastbond", "fastbond.kernels": "kernels"},
     package_data={"fastbond": ["configs/*.yaml"]},
     install_requires=[

@@ -9,7 +9,7 @@ sample of T response tokens (packed: N = 2·B·T tokens), the LM head, the
 anchor's token log-probs and the rewards. Implementations:
 
 * `reference`       — backend="reference": fp32 [N, V] logits per set, log_softmax,
-  gather, padded rows, `fastbond.losses.jbond_loss` under autograd (skipped where
+  gather, padded rows, `jbond_loss_ref` under autograd (skipped where
   it runs out of memory — at Gemma-2B's vocabulary that is the point);
 * `chunked`         — backend="chunked": plain PyTorch over vocabulary chunks;
 * `triton`          — backend="triton" (CUDA only here; tests run it interpreted);

@@ -6,7 +6,7 @@ One timed call is what a training step pays for the head: the loss, its
 metrics, and the gradients w.r.t. the policy and better-anchor token log-probs
 (bf16, as the fused log-prob kernel's callers hold them). Cases:
 
-* `reference` — `fastbond.losses.jbond_loss` under autograd (a dozen small kernels);
+* `reference` — `jbond_loss_ref` (the oracle beside the kernel) under autograd (a dozen small kernels);
 * `compiled`  — the same under `torch.compile` (CUDA only: on CPU inductor
   needs a C++ toolchain and minutes);
 * `chunked`   — vectorized PyTorch with the closed-form backward;
@@ -29,7 +29,7 @@ import torch
 
 from fastbond.kernels._backend import triton_available, triton_interpreted
 from fastbond.kernels.jbond_loss import jbond_loss
-from fastbond.losses import jbond_loss as jbond_loss_reference
+from fastbond.kernels.jbond_loss import jbond_loss_ref as jbond_loss_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -40,7 +40,7 @@ class ModelConfig:
     reference: str | None = None  # π_ref; defaults to the policy's initial weights
     dtype: str = "float32"  # compute dtype of policy, anchor and reference
     trust_remote_code: bool = False  # off unless the user turns it on
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more time)
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
 
 
@@ -48,29 +48,29 @@ class ModelConfig:
 class RewardConfig:
     kind: str = "builtin"  # builtin | callable | model
     name: str = "sentiment"  # scorer name | "module:function" | reward-model directory
-    batch_size: int = 64
+    batch_size: int = 64  # responses per reward-model forward (kind model)
 
 
 @dataclass
 class DataConfig:
     prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} a line) or .txt (a prompt a line) file
-    eval_prompts: str = EMBEDDED
-    max_prompt_tokens: int = 64
+    eval_prompts: str = EMBEDDED  # held-out prompts for the evaluation, same formats
+    max_prompt_tokens: int = 64  # a longer prompt is an error naming its file and line
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
-    max_grad_norm: float = 1.0
+    lr: float = 3e-6  # AdamW learning rate (the paper: 3e-6 for Gemma)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps to lr, then constant
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm
 
 
 @dataclass
 class RolloutConfig:
     batch_size: int = 128  # prompts per step
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # longest response sampled
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
     sampler: str = "torch"  # torch (generate's sampling) | keyed (Gumbel-max, same draws on any number of ranks)
 
@@ -90,18 +90,18 @@ class EngineConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 1
-    progress: bool = True
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "fastbond"
+    every: int = 1  # steps between metrics records (metrics.jsonl, TensorBoard, wandb)
+    progress: bool = True  # a progress bar with reward, KL and samples/s
+    tensorboard: bool = False  # also write RUN_DIR/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # also log to wandb (needs the wandb package)
+    wandb_project: str = "fastbond"  # the wandb project
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep: int = 2
-    resume: bool = False
+    keep: int = 2  # checkpoints kept; older ones are removed once a newer one is complete
+    resume: bool = False  # continue from RUN_DIR/checkpoints/latest
 
 
 @dataclass
@@ -114,9 +114,9 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    seed: int = 0
-    run_dir: str = "runs/fastbond"
+    steps: int = 1000  # optimizer steps, one rollout batch each
+    seed: int = 0  # seeds sampling and the order prompts are read in
+    run_dir: str = "runs/fastbond"  # config.yaml, metrics.jsonl, checkpoints/, policy/, report.png, eval.json
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (tiny models run best on 1)
     on_nonfinite: str = "skip"  # skip the step and count it, or stop the run
@@ -271,11 +271,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, section by section (nested dicts merge; anything else replaces)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -337,7 +338,7 @@ def load_config(
     note = _choose_algorithm(tree, override_tree)
     if note and notes is not None:
         notes.append(note)
-    config = _build(TrainConfig, _merge(tree, override_tree))
+    config = _build(TrainConfig, merge_trees(tree, override_tree))
     validate(config, check_paths=check_paths)
     return config
 

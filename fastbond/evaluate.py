@@ -132,16 +132,8 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
 
     from fastbond.config import load_config
     from fastbond.data import resolve_prompts
-    from fastbond.engines import Models
-    from fastbond.models import (
-        compute_dtype,
-        load_frozen,
-        load_policy,
-        load_run_reward,
-        load_tokenizer,
-        model_sources,
-        resolve_device,
-    )
+    from fastbond.engines.local import load_models
+    from fastbond.models import resolve_device
     from fastbond.process import prepare_process
 
     run_path = Path(run_dir)
@@ -153,12 +145,8 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
         raise FastbondError(f"policy directory not found: {policy_dir}")
     device = resolve_device(config.device)
     prepare_process(config, device, config.seed)
-    policy_source, reference_source = model_sources(config)
-    dtype = compute_dtype(config)
-    tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
-    models = Models(tokenizer, load_policy(config, policy_dir, torch.float32, device).eval(),
-                    load_frozen(config, reference_source, dtype, device),
-                    load_run_reward(config, tokenizer, device, dtype))
+    models = load_models(config, policy_dir, device)
+    models.policy.eval()
     prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
     result = evaluate_models(models, config, prompts)
     (run_path / EVAL_FILE).write_text(json.dumps(result, indent=2))

@@ -165,7 +165,7 @@ def rescue(run: Run, failed_step: int, start: StepStart) -> str:
     fallback = f"the last checkpoint is {previous.name}" if previous else "no checkpoint was written"
     if run.updating:
         return f"the weights may have changed mid-update, so nothing more was saved; {fallback}; {resume}"
-    if run.engine.world > 1:
+    if not run.engine.saves_alone:
         return f"other ranks may be waiting on this one, so nothing more was saved; {fallback}; {resume}"
     if failed_step == 1:
         return "no step had completed, so there is nothing to resume: rerun from the start once fixed"

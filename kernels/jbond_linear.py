@@ -339,7 +339,7 @@ def jbond_linear_loss(
             whole batch's, as in `jbond_loss`; the metrics stay the share's.
     Returns:
         (loss, metrics): an fp32 scalar to minimize, and the detached scalars of
-        `fastbond.losses.jbond_loss` under the same keys.
+        `fastbond.kernels.jbond_loss.jbond_loss` under the same keys.
 
     Differentiable w.r.t. policy_hidden, best_hidden, weight and bias. With grad the
     GEMM work is that of linear_logprobs fwd+bwd on N_p + N_b tokens; without, one forward.

@@ -87,6 +87,12 @@ class Engine(ABC):
         """Whether `flag` holds on every rank (so all ranks skip a step together, or none does)."""
         return flag
 
+    @property
+    def saves_alone(self) -> bool:
+        """Whether this process can write a checkpoint after a failure of its own: not when
+        saving is a collective that other ranks, stopped elsewhere, would never join."""
+        return True
+
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
         """Every metric as a float, averaged over ranks (each holds an equal share of the batch)."""
         return {name: to_float(value) for name, value in metrics.items()}

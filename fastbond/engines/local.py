@@ -103,6 +103,24 @@ def save_pretrained_atomic(model: nn.Module, tokenizer, path: Path) -> Path:
     return path
 
 
+def load_models(config, policy_path: str | Path | None, device: torch.device, needs_anchor: bool = False) -> Models:
+    """A run's models in one process on `device`: the policy from `policy_path` (default: its
+    initial source) with fp32 weights, π_ref and a reward model in the compute dtype, and an
+    anchor (fp32 EMA state) when asked. The tokenizer is always the initial policy's."""
+    policy_source, reference_source = model_sources(config)
+    dtype = compute_dtype(config)
+    tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
+    # The policy keeps fp32 master weights; low precision is used through autocast.
+    policy = load_policy(config, policy_path or policy_source, torch.float32, device)
+    return Models(
+        tokenizer=tokenizer,
+        policy=policy,
+        reference=load_frozen(config, reference_source, dtype, device),
+        reward_fn=load_run_reward(config, tokenizer, device, dtype),
+        anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
+    )
+
+
 class LocalEngine(Engine):
     def __init__(self, config):
         self.config = config
@@ -111,20 +129,8 @@ class LocalEngine(Engine):
         self.optimizer: TorchOptimizer | None = None
 
     def build(self, config, needs_anchor: bool, checkpoint: Path | None) -> Models:
-        policy_source, reference_source = model_sources(config)
-        dtype = compute_dtype(config)
-        tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
-        # The policy keeps fp32 master weights; low precision is used through autocast.
-        policy = load_policy(config, checkpoint / "policy" if checkpoint else policy_source, torch.float32,
-                             self.device)
-        self.models = Models(
-            tokenizer=tokenizer,
-            policy=policy,
-            reference=load_frozen(config, reference_source, dtype, self.device),
-            reward_fn=load_run_reward(config, tokenizer, self.device, dtype),
-            anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
-        )
-        self.optimizer = TorchOptimizer(policy, config.optim, dtype, self.device)
+        self.models = load_models(config, checkpoint / "policy" if checkpoint else None, self.device, needs_anchor)
+        self.optimizer = TorchOptimizer(self.models.policy, config.optim, compute_dtype(config), self.device)
         return self.models
 
     def evaluation_models(self, policy_dir: Path) -> Models:

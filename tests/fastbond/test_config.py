@@ -121,3 +121,15 @@ def test_another_algorithm_on_the_command_line_starts_from_its_defaults(tmp_path
                      "(algorithm.beta, algorithm.eta)"]
     # the same algorithm named again keeps the file's keys
     assert load_config(path, ["algorithm.name=jbond"]).algorithm.beta == 0.3
+
+
+def test_the_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses; a key added without regenerating it fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=root,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -372,6 +372,62 @@ def test_one_pass_each_way_with_closed_form_token_weights(backend, monkeypatch):
     assert calls == {"forward": [n_policy + n_best], "backward": []}
 
 
+def _share(case, sequences):
+    """The case restricted to `sequences` (a rank's share of the batch), ids renumbered from 0."""
+    index = torch.tensor(sequences, device=DEVICE)
+    renumber = torch.full((case["rewards"].shape[0],), -1, dtype=torch.int64, device=DEVICE)
+    renumber[index] = torch.arange(len(sequences), device=DEVICE)
+    share = dict(case, rewards=case["rewards"][index], anchor_rewards=case["anchor_rewards"][index])
+    for prefix in ("policy", "best"):
+        keep = renumber[case[f"{prefix}_seq_ids"]] >= 0
+        share[f"{prefix}_hidden"] = case[f"{prefix}_hidden"][keep]
+        share[f"{prefix}_targets"] = case[f"{prefix}_targets"][keep]
+        share[f"{prefix}_seq_ids"] = renumber[case[f"{prefix}_seq_ids"][keep]]
+        if prefix == "policy":
+            share["anchor_token_logps"] = case["anchor_token_logps"][keep]
+    return share
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_batch_sum_over_two_shares_equals_the_whole_batch(backend):
+    """Two shares (as on 2 ranks), each summing its returns with the other's through `batch_sum`:
+    the share-weighted losses and head gradients are the whole batch's (the gradient average
+    over ranks); without `batch_sum` each share's baseline is its own and the gradient differs."""
+    case = make_case(seed=4)
+    batch, beta, gamma = case["rewards"].shape[0], 0.5, 0.7
+    whole_loss, _, whole_grads = fused(case, beta, gamma, backend=backend)
+    _, _, _, (policy_logp, _) = oracle(case, beta, gamma)
+    ids = case["policy_seq_ids"]
+    ell = torch.zeros(batch, dtype=torch.float64, device=DEVICE).index_add_(0, ids, policy_logp)
+    anchor = torch.zeros_like(ell).index_add_(0, ids, case["anchor_token_logps"].double())
+    returns = jbond_reward(case["rewards"], case["anchor_rewards"]).double() - (ell - anchor)
+    shares = [[0, 3], [1, 2, 4]]
+    local = [torch.stack([returns[s].sum(), torch.tensor(float(len(s)), dtype=torch.float64, device=DEVICE)])
+             for s in shares]
+    whole = sum(local)
+
+    def run_shares(with_batch_sum: bool):
+        total_loss, weight_grad = 0.0, 0.0
+        for sequences, own in zip(shares, local):
+            share = _share(case, sequences)
+            leaves = _leaves(share)
+            extra = dict(batch_sum=lambda mine, other=whole - own: mine + other.to(mine)) if with_batch_sum else {}
+            loss, _ = jbond_linear_loss(*positional(share, leaves), beta=beta, gamma=gamma, bias=leaves["bias"],
+                                        backend=backend, **HEAD, **extra)
+            scale = len(sequences) / batch
+            (loss * UPSTREAM * scale).backward()
+            total_loss = total_loss + loss.detach() * scale
+            weight_grad = weight_grad + leaves["weight"].grad
+        return total_loss, weight_grad
+
+    total_loss, weight_grad = run_shares(True)
+    torch.testing.assert_close(total_loss, whole_loss, rtol=1e-5, atol=1e-5)
+    scale = whole_grads["weight"].abs().max().item()
+    torch.testing.assert_close(weight_grad, whole_grads["weight"], rtol=1e-4, atol=1e-5 * scale)
+    _, own_baseline_grad = run_shares(False)
+    assert not torch.allclose(own_baseline_grad, whole_grads["weight"], rtol=1e-3, atol=1e-3 * scale)
+
+
 def test_gemm_flops_are_those_of_linear_logprobs_alone():
     """Counted on the chunked backend (every GEMM is a torch matmul there):
     with grad 8·N·H·V = linear_logprobs fwd+bwd alone; frozen head 6·N·H·V; no grad 2·N·H·V."""

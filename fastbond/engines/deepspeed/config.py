@@ -12,18 +12,11 @@ from pathlib import Path
 
 import torch
 
-from fastbond.config import TrainConfig
+from fastbond.config import TrainConfig, merge_trees
 from fastbond.errors import FastbondError
 
 # fastbond steps the optimizer once per rollout batch; these settings would change that meaning.
 _FORBIDDEN_OVERRIDES = {"gradient_accumulation_steps": 1}
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
 
 
 def _find_auto(tree, path: str = "") -> str | None:
@@ -95,7 +88,7 @@ def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if engine.deepspeed_config:
-        ds = _merge(ds, read_deepspeed_json(engine.deepspeed_config))
+        ds = merge_trees(ds, read_deepspeed_json(engine.deepspeed_config))
         auto = _find_auto(ds)
         if auto:
             raise FastbondError(f"engine.deepspeed_config: '{auto}' is \"auto\"; fastbond needs a value (or leave it out)")

@@ -24,6 +24,7 @@ from fastbond.checkpoint import join_tensors, publish, split_tensors
 from fastbond.engines.base import Engine, Models
 from fastbond.engines.deepspeed import zero
 from fastbond.engines.deepspeed.config import build_deepspeed_config
+from fastbond.engines.local import load_models
 from fastbond.errors import FastbondError
 from fastbond.metrics_log import to_float
 from fastbond.models import (
@@ -94,13 +95,9 @@ class DeepSpeedEngine(Engine):
         """Plain one-process models loaded from the exported policy, on rank 0 alone."""
         if not self.main:
             return None
-        config = self.config
-        dtype = compute_dtype(config)
-        _, reference_source = model_sources(config)
-        tokenizer = load_tokenizer(policy_dir, config.model.trust_remote_code)
-        policy = load_policy(config, policy_dir, torch.float32, self.device)
-        reference = load_frozen(config, reference_source, dtype, self.device)
-        return Models(tokenizer, policy.eval(), reference, load_run_reward(config, tokenizer, self.device, dtype))
+        models = load_models(self.config, policy_dir, self.device)
+        models.policy.eval()
+        return models
 
     # ------------------------------------------------------------------ a step
 
@@ -125,6 +122,10 @@ class DeepSpeedEngine(Engine):
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
+
+    @property
+    def saves_alone(self) -> bool:
+        return self.world == 1
 
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
         names = sorted(metrics)

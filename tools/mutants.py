@@ -1,0 +1,94 @@
+"""Deliberate bugs in the algorithms, the anchor and the objectives, and the tests that catch them.
+
+    python tools/mutants.py            # every mutant (a few minutes on 2 cores)
+    python tools/mutants.py 3 7        # mutants 3 and 7
+
+Each mutant edits one line of the source, runs the algorithm and loss tests
+(stopping at the first failure), then restores the file. A mutant no test
+kills is a hole in the suite: the script exits non-zero and names it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fastbond/test_train.py"]
+
+# (file, the exact text, its replacement, what the bug means)
+MUTANTS = [
+    ("fastbond/algorithms/jbond.py", "best = best_of_n_index(anchor_rewards)",
+     "best = 1 - best_of_n_index(anchor_rewards)", "J-BOND distils the worse anchor sample"),
+    ("fastbond/algorithms/jbond.py", "ctx.anchor.update(ctx.policy, self.config.eta)", "pass",
+     "J-BOND's anchor is frozen"),
+    ("fastbond/algorithms/jbond.py", "ctx.draw_k(ctx.anchor.model, prompts, 2)", "ctx.draw_k(ctx.policy, prompts, 2)",
+     "J-BOND's anchor samples come from the policy"),
+    ("fastbond/algorithms/jbond.py", "ctx.frozen_logps(ctx.anchor.model, policy_samples)",
+     "ctx.frozen_logps(ctx.reference, policy_samples)", "J-BOND's log-ratio is taken to π_ref, not the anchor"),
+    ("fastbond/algorithms/bond.py", "best_of_n_index(base_rewards[:, :n])", "best_of_n_index(base_rewards)",
+     "BOND-N's forward term takes the best of all k base samples, not of the first N"),
+    ("fastbond/algorithms/bond.py", "base_rewards[:, : self.config.mc_samples]", "base_rewards",
+     "BOND-N's quantiles use every base sample, not the first mc_samples"),
+    ("fastbond/algorithms/bond.py", "step % self.config.anchor_period == 0", "step % self.config.anchor_period == 1",
+     "iterative BOND's anchor period is off by one"),
+    ("fastbond/algorithms/bonbon.py", "best_of_n_index(-rewards)", "best_of_n_index(rewards)",
+     "BoNBoN's rejected sample is the best, not the worst"),
+    ("fastbond/algorithms/vbon.py", "ctx.draw_k(ctx.reference, prompts, self.config.mc_samples)",
+     "ctx.draw_k(ctx.policy, prompts, self.config.mc_samples)", "vBoN's CDF is the policy's, not π_ref's"),
+    ("fastbond/algorithms/rloo.py", "ctx.frozen_logps(ctx.reference, drawn)", "ctx.frozen_logps(ctx.policy, drawn)",
+     "REINFORCE's KL penalty is taken against the policy itself"),
+    ("fastbond/anchor.py", "ema_(self.state, [p.detach() for p in policy.parameters()], eta, shadow=self.shadow)",
+     "ema_(self.state, [p.detach() for p in policy.parameters()], 1 - eta, shadow=self.shadow)",
+     "the anchor moves by 1 − η instead of η"),
+    ("fastbond/anchor.py", "        self.update(policy, 1.0)\n\n    def state_dict(",
+     "        self.update(policy, 0.5)\n\n    def state_dict(", "a hard anchor update copies only half way"),
+    ("fastbond/losses.py", "* log_quantiles.detach().to(log_ratio.dtype) - log_ratio",
+     "* log_quantiles.detach().to(log_ratio.dtype) + log_ratio", "BOND-N's return adds the KL instead of subtracting it"),
+    ("fastbond/losses.py", "advantages = returns - leave_one_out_baseline(returns, dim=1)",
+     "advantages = returns - returns.mean(dim=1, keepdim=True)", "REINFORCE's baseline includes the sample itself"),
+    ("fastbond/losses.py", "target = 1.0 / (2.0 * bonbon_beta(n))", "target = 1.0 / bonbon_beta(n)",
+     "BoNBoN's margin target is twice the paper's"),
+    ("fastbond/losses.py", "returns = bond_returns(policy_seq, ref_seq, bond_rewards, n)\n    advantages = returns - _baseline(returns, batch_sum)",
+     "returns = bond_returns(policy_seq, ref_seq, bond_rewards, n)\n    advantages = returns",
+     "BOND-N has no baseline"),
+    ("kernels/jbond_loss.py", "    anchor_kl_term = log_ratio * policy_seq\n", "    anchor_kl_term = -log_ratio * policy_seq\n",
+     "J-BOND's γ term has the sign printed in Algorithm 2 (pushes away from the anchor)"),
+    ("kernels/jbond_loss.py", "    forward_term = -best_anchor_seq\n", "    forward_term = -best_anchor_seq.detach()\n",
+     "J-BOND's forward term carries no gradient"),
+]
+
+
+def run(index: int) -> tuple[str | None, str]:
+    path, old, new, meaning = MUTANTS[index]
+    file = ROOT / path
+    source = file.read_text()
+    if source.count(old) != 1:  # the source moved on: the mutant needs updating, and counts as a hole
+        return None, f"{meaning} (NOT APPLIED: its text occurs {source.count(old)} times in {path})"
+    file.write_text(source.replace(old, new))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+                              cwd=ROOT, capture_output=True, text=True)
+    finally:
+        file.write_text(source)
+    failed = re.search(r"^FAILED (\S+)", done.stdout, re.MULTILINE)
+    return (failed.group(1) if failed else None), meaning
+
+
+def main(argv: list[str]) -> int:
+    indices = [int(a) for a in argv] or range(len(MUTANTS))
+    survivors = []
+    for index in indices:
+        killer, meaning = run(index)
+        print(f"{index:2d}  {meaning}\n    {MUTANTS[index][0]}: caught by {killer or 'NOTHING'}", flush=True)
+        if killer is None:
+            survivors.append(index)
+    if survivors:
+        print(f"survived: {survivors}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
