@@ -133,7 +133,7 @@ def test_fused_logprob_gradients_under_zero3_match_zero0(launch, tying):
 
 
 @pytest.mark.parametrize("name", [f"engine_matches_torch_zero{stage}" for stage in (3, 2, 1, 0)])
-def test_deepspeed_engine_steps_like_torch_engine(launch, name):
+def test_zero_optimizer_steps_like_torch_optimizer(launch, name):
     """Each rank holds half the batch; the averaged step equals TorchOptimizer on the whole batch,
     a non-finite gradient is skipped by both, and a NaN loss is skipped on every rank."""
     for result in results(launch, name):

@@ -12,8 +12,8 @@ step on the whole batch.
     zero.py       the ZeRO machinery: the policy's optimizer, the anchor partitioned like the policy
                   (shard-local EMA, no communication), sampling and export under ZeRO-3
 
-This package is the only part of fastbond that imports deepspeed (engine.py and
-zero.py; config.py does not, so the config can be built and tested without it). How ZeRO-3
-is handled (the fused LM head, the anchor's shards, generation) is described
-in `zero.py` and in docs/deepspeed.md.
+This package is the only part of fastbond that imports deepspeed (engine.py
+and zero.py; config.py does not, so the config can be built and tested
+without it). How ZeRO-3 is handled (the fused LM head, the anchor's shards,
+generation) is described in `zero.py` and in docs/deepspeed.md.
 """
