@@ -32,8 +32,12 @@ Backends (one signature, `kernels/_backend.py`):
 * `triton`    — multi-tensor apply: one launch per (dtype, alignment) group,
   usually one launch in all. A table holds each tensor's addresses and size,
   and a second table maps every program to (tensor, chunk); programs whose
-  chunk is whole take an unmasked path so loads and stores vectorize (the
-  tables are built once per set of tensors and cached by address).
+  chunk is whole take an unmasked path, and where addresses are 16-byte
+  aligned and sizes a multiple of one 16-byte vector (every weight matrix of
+  a real model) the last, partial chunk is masked per vector, so loads and
+  stores are 16 bytes wide everywhere (the tables are built once per set of
+  tensors and cached by address). Small rolled blocks keep registers low
+  and occupancy high: latency is hidden by many programs per SM.
 
 ZeRO-3: the EMA is elementwise, so two identically partitioned models update
 on their local shards with no communication — pass the flat local partitions
@@ -42,6 +46,7 @@ on their local shards with no communication — pass the flat local partitions
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -316,9 +321,10 @@ if triton is not None:
         SHADOW_DTYPE: tl.constexpr,
         HAS_SHADOW: tl.constexpr,
         STOCHASTIC_ROUNDING: tl.constexpr,
-        ALIGNED: tl.constexpr,  # every address is 16-byte aligned: allow vector loads
+        ALIGNED: tl.constexpr,  # 16-byte aligned addresses and numel a multiple of VECTOR: vector loads everywhere
         BLOCK: tl.constexpr,
         CHUNK: tl.constexpr,    # elements per program, a multiple of BLOCK
+        VECTOR: tl.constexpr,   # elements of one 16-byte access of the narrowest dtype
     ):
         pid = tl.program_id(0)
         tensor = tl.load(chunks_ptr + 2 * pid).to(tl.int64)
@@ -330,30 +336,45 @@ if triton is not None:
         shadow_ptr = tl.load(row + 2).to(tl.pointer_type(SHADOW_DTYPE))
         numel = tl.load(row + 3)
         if ALIGNED:
-            # Addresses come from a table, so the compiler cannot see their alignment: say it.
+            # Addresses and sizes come from a table, so the compiler cannot see their alignment:
+            # say it. With numel a multiple of VECTOR, the tail's mask is constant over each
+            # vector, so the last chunk of a tensor is read and written in vectors too.
             anchor_ptr = tl.multiple_of(anchor_ptr, 16)
             policy_ptr = tl.multiple_of(policy_ptr, 16)
             shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+            numel = tl.multiple_of(numel, VECTOR)
         # Philox key = (global program id, seed): distinct for every chunk of every launch and step.
         rng_key = ((pid.to(tl.int64) + program_base) << 32) + seed
         lane = tl.arange(0, BLOCK)
+        # A rolled loop over small blocks: few registers a thread, so many programs fit on an
+        # SM and keep enough loads in flight (occupancy, not unrolling, hides the latency).
         if start + CHUNK <= numel:
-            # Whole chunk: no mask, so the compiler can emit 16-byte loads and stores.
-            for i in tl.static_range(0, CHUNK, BLOCK):
+            for i in range(0, CHUNK, BLOCK):  # whole chunk: no mask
                 _ema_block(anchor_ptr, policy_ptr, shadow_ptr, start + i + lane, numel, eta, rng_key, i + lane,
                            ANCHOR_DTYPE, SHADOW_DTYPE, False, HAS_SHADOW, STOCHASTIC_ROUNDING)
         else:
-            for i in tl.static_range(0, CHUNK, BLOCK):
+            for i in range(0, CHUNK, BLOCK):
                 _ema_block(anchor_ptr, policy_ptr, shadow_ptr, start + i + lane, numel, eta, rng_key, i + lane,
                            ANCHOR_DTYPE, SHADOW_DTYPE, True, HAS_SHADOW, STOCHASTIC_ROUNDING)
 
 
+# One configuration for every GPU: the op is bandwidth-bound and each program
+# streams CHUNK elements in blocks of BLOCK (8 a thread at 4 warps: one or two
+# 16-byte vectors per operand). Checked for registers and vector width by the
+# compile check (`cuda_launches`).
+_CUDA_LAUNCH = {"BLOCK": 1024, "CHUNK": 8192, "num_warps": 4}
+_INTERPRETER_LAUNCH = {"BLOCK": 128, "CHUNK": 256, "num_warps": 4}  # small: tests stay fast and multi-chunk
+
+
 def _launch_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK, CHUNK, num_warps). Small blocks under the CPU interpreter keep tests fast and multi-chunk."""
-    if device.type == "cuda":
-        # 16 elements per thread per block (four 16-byte fp32 vectors), four blocks per program.
-        return 4096, 16384, 8
-    return 128, 256, 4
+    """(BLOCK, CHUNK, num_warps) for tensors on `device`."""
+    config = _CUDA_LAUNCH if device.type == "cuda" else _INTERPRETER_LAUNCH
+    return config["BLOCK"], config["CHUNK"], config["num_warps"]
+
+
+def _vector(*dtypes: torch.dtype) -> int:
+    """Elements in 16 bytes of the narrowest dtype."""
+    return 16 // min(torch.empty((), dtype=d).element_size() for d in dtypes)
 
 
 _TABLE_CACHE: OrderedDict = OrderedDict()
@@ -401,7 +422,8 @@ def ema_triton(anchors, policies, eta, shadows=None, stochastic_rounding=False, 
         if not contiguous or p.dtype not in _TL_DTYPES or (s is not None and s.dtype not in _TL_DTYPES):
             fallback.append((a, p, s))
             continue
-        aligned = all(t.data_ptr() % 16 == 0 for t in (a, p, s) if t is not None)
+        vector = _vector(*(t.dtype for t in (a, p, s) if t is not None))
+        aligned = all(t.data_ptr() % 16 == 0 for t in (a, p, s) if t is not None) and a.numel() % vector == 0
         key = (p.dtype, None if s is None else s.dtype, aligned)
         groups.setdefault(key, []).append((a, p, s))
     seed = _resolve_seed(seed) if stochastic_rounding else 0
@@ -418,6 +440,7 @@ def ema_triton(anchors, policies, eta, shadows=None, stochastic_rounding=False, 
             ALIGNED=aligned,
             BLOCK=block,
             CHUNK=chunk,
+            VECTOR=_vector(anchors[0].dtype, policy_dtype, shadow_dtype or policy_dtype),
             num_warps=num_warps,
         )
         program_base = (program_base + n_chunks) & 0x7FFFFFFF
@@ -425,6 +448,40 @@ def ema_triton(anchors, policies, eta, shadows=None, stochastic_rounding=False, 
         ema_chunked([t[0] for t in fallback], [t[1] for t in fallback], eta,
                     None if shadows is None else [t[2] for t in fallback], stochastic_rounding,
                     None if not stochastic_rounding else seed + 1)
+
+
+def _vectors_per_thread(dtype: torch.dtype) -> int:
+    """16-byte accesses a thread makes to one operand per block, at the CUDA launch configuration."""
+    elements = _CUDA_LAUNCH["BLOCK"] // (32 * _CUDA_LAUNCH["num_warps"])
+    return max(1, elements * torch.empty((), dtype=dtype).element_size() // 16)
+
+
+def cuda_launches(arch: int):
+    """Every launch the CUDA dispatch of `ema_triton` can make (the compile check's list)."""
+    if triton is None:
+        return
+    from fastbond.kernels.tuning import Launch, runtime_signature
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    variants = [(torch.float32, p, s, False) for p in names for s in (None, torch.bfloat16, torch.float16)]
+    variants += [(torch.bfloat16, p, None, True) for p in names]  # stochastic rounding: a bf16 anchor
+    signature = runtime_signature(_ema_kernel, {"table_ptr": "*i64", "chunks_ptr": "*i32", "eta": "fp32"})
+    for (anchor, policy, shadow, rounding), aligned in itertools.product(variants, (True, False)):
+        dtypes = [d for d in (anchor, policy, shadow) if d is not None]
+        label = f"anchor:{names[anchor]} policy:{names[policy]}" + (f" shadow:{names[shadow]}" if shadow else "")
+        yield Launch(
+            kernel=_ema_kernel, label=label + (" stochastic" if rounding else "") + (" aligned" if aligned else ""),
+            signature=signature,
+            constexprs=dict(ANCHOR_DTYPE=_TL_DTYPES[anchor], POLICY_DTYPE=_TL_DTYPES[policy],
+                            SHADOW_DTYPE=_TL_DTYPES[shadow or torch.float32], HAS_SHADOW=shadow is not None,
+                            STOCHASTIC_ROUNDING=rounding, ALIGNED=aligned, BLOCK=_CUDA_LAUNCH["BLOCK"],
+                            CHUNK=_CUDA_LAUNCH["CHUNK"], VECTOR=_vector(*dtypes)),
+            num_warps=_CUDA_LAUNCH["num_warps"], num_stages=3, aligned=frozenset({"table_ptr", "chunks_ptr"}),
+            # aligned: the anchor's and the policy's loads are 16-byte vectors in the whole-chunk
+            # path and in the tail alike
+            min_vector_loads=2 * (_vectors_per_thread(anchor) + _vectors_per_thread(policy)) if aligned else 0,
+            representative=True,
+        )
 
 
 # --------------------------------------------------------------------------- #

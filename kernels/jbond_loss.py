@@ -77,9 +77,12 @@ for logging, not as the ℓ inside the loss.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from fastbond.bon import JBOND_PENALTY, jbond_reward
+from fastbond.kernels import tuning
 from fastbond.kernels._backend import resolve_backend
 from fastbond.kernels.sequences import BatchSum, batch_total, leave_one_out_baseline, sequence_logps
 
@@ -565,6 +568,52 @@ class _JBondTriton(torch.autograd.Function):
             num_warps=4,
         )
         return grad_policy, None, grad_best, None, None, None, None, None, None, None, None
+
+
+def cuda_launches(arch: int):
+    """Every launch the CUDA dispatch of this op can make (the compile check's list).
+
+    Block sizes are powers of two chosen from B and T (`_block_t`, BLOCK_B up
+    to 1024); log-probs come in fp32, bf16 or fp16, masks as bytes (bool) or
+    in a float dtype. The two block sizes feed separate loops, so each is
+    swept over its range with the other at its largest. The representative
+    subset takes the extreme blocks.
+    """
+    if triton is None:
+        return
+    blocks_t = [2**k for k in range(4, 12)]  # _block_t: 16 … 2048
+    blocks_b = [2**k for k in range(4, 11)]  # 16 … 1024
+    block_pairs = [(t, blocks_b[-1]) for t in blocks_t] + [(blocks_t[-1], b) for b in blocks_b[:-1]]
+    for dtype, mask, (block_t, block_b), global_baseline in itertools.product(
+            ("fp32", "bf16", "fp16"), ("u8", "fp32"), block_pairs, (True, False)):
+        types = {name: f"*{dtype}" for name in ("policy_ptr", "best_ptr", "anchor_ptr")}
+        types.update({name: f"*{mask}" for name in ("policy_mask_ptr", "best_mask_ptr")})
+        types.update(rewards_ptr="*fp32", anchor_rewards_ptr="*fp32", rows_ptr="*fp32", grad_rows_ptr="*fp32",
+                     loss_ptr="*fp32", metrics_ptr="*fp32", ticket_ptr="*i32", baseline_ptr="*fp32",
+                     penalty="fp32", beta="fp32", one_minus_beta="fp32", gamma="fp32")
+        signature = tuning.runtime_signature(_jbond_fwd_kernel, types)
+        yield tuning.Launch(
+            kernel=_jbond_fwd_kernel, label=f"{dtype} mask:{mask} T{block_t} B{block_b}"
+            + (" global-baseline" if global_baseline else ""), signature=signature,
+            constexprs=dict(BLOCK_T=block_t, BLOCK_B=block_b, GLOBAL_BASELINE=global_baseline), num_warps=4,
+            num_stages=3, aligned=frozenset(n for n, t in signature.items() if t.startswith("*")),
+            representative=dtype == "fp32" and mask == "u8" and block_t in (16, 2048) and block_b == 1024,
+        )
+    for dtype, mask, block_t, (policy_grad, best_grad) in itertools.product(
+            ("fp32", "bf16", "fp16"), ("u8", "fp32"), blocks_t, ((True, True), (True, False), (False, True))):
+        types = {"grad_loss_ptr": "*fp32", "grad_rows_ptr": "*fp32", "policy_mask_ptr": f"*{mask}",
+                 "best_mask_ptr": f"*{mask}", "grad_policy_ptr": f"*{dtype}", "grad_best_ptr": f"*{dtype}",
+                 "beta": "fp32", "one_minus_beta": "fp32", "gamma": "fp32"}
+        signature = tuning.runtime_signature(_jbond_bwd_kernel, types)
+        tl_dtype = _TL_DTYPES[{"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]]
+        yield tuning.Launch(
+            kernel=_jbond_bwd_kernel, label=f"{dtype} mask:{mask} T{block_t} policy:{policy_grad} best:{best_grad}",
+            signature=signature,
+            constexprs=dict(POLICY_GRAD=policy_grad, BEST_GRAD=best_grad, POLICY_DTYPE=tl_dtype, BEST_DTYPE=tl_dtype,
+                            BLOCK_T=block_t),
+            num_warps=4, num_stages=3, aligned=frozenset(n for n, t in signature.items() if t.startswith("*")),
+            representative=mask == "u8" and block_t == 2048 and policy_grad and best_grad and dtype in ("fp32", "bf16"),
+        )
 
 
 # --------------------------------------------------------------------------- #

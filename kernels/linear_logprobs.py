@@ -76,18 +76,22 @@ saved state.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ._backend import resolve_backend, triton_available
+from fastbond.kernels import tuning
+from fastbond.kernels._backend import resolve_backend, triton_available
 
-__all__ = ["linear_logprobs", "linear_logprobs_ref"]
+__all__ = ["linear_logprobs", "linear_logprobs_ref", "resolve_linear_backend"]
 
 try:  # the module must import (and `chunked` run) where triton is missing
     import triton
     import triton.language as tl
+
+    from fastbond.kernels._triton_common import cast_rtne, fast_tanh, grouped_coords
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
@@ -101,6 +105,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNKED_ELEMENTS = 1 << 24
 _TRITON_ELEMENTS = 1 << 28
 _CHUNK_MULTIPLE = 128
+# CUDA launches of the kernels need H % 16 == 0 (16-byte aligned rows of every operand).
+_CUDA_H_MULTIPLE = 16
 
 
 # ----------------------------------------------------------------------------
@@ -256,12 +262,6 @@ def _chunked_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Optio
 if triton is not None:
 
     @triton.jit
-    def _tanh(x):
-        # tanh through the sigmoid: tl.math.tanh / libdevice moved between
-        # Triton releases; absolute error ~1e-7, ample after the · cap.
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-    @triton.jit
     def _raw_logits_tile(
         x_ptr,  # [N, H] hidden states
         w_ptr,  # [V, H] LM-head weight
@@ -279,7 +279,7 @@ if triton is not None:
         BLOCK_V: tl.constexpr,
         BLOCK_H: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
-        INTERPRET_BF16: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
         """z = h · Wᵀ + b for one [BLOCK_N, BLOCK_V] tile, fp32 accumulation."""
         offs_h = tl.arange(0, BLOCK_H)
@@ -294,9 +294,9 @@ if triton is not None:
                 h_mask = offs_h < H - h0
                 x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-            if INTERPRET_BF16:
+            if INTERPRETED:
                 # Triton's CPU interpreter keeps bf16 as raw uint16 and its dot
-                # multiplies those integers; bf16 → fp32 is exact, so upcasting
+                # multiplies those integers; 16-bit → fp32 is exact, so upcasting
                 # first changes nothing but the speed
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -308,6 +308,32 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+        """(s, tanh(z / cap)): s = cap·tanh(z / cap) / T, or z / T without a cap — multiplies only."""
+        if SOFTCAP:
+            th = fast_tanh(z * inv_softcap, INTERPRETED)
+            s = th * softcap_over_temp
+        else:
+            th = z  # unused
+            s = z * inv_temp
+        return s, th
+
+    @triton.jit
+    def _forward_program(pid, N, n_split, group_tokens, BLOCK_N: tl.constexpr):
+        """(token block, vocabulary span) of forward program `pid`.
+
+        Groups of token blocks each sweep every span, the token block varying
+        fastest. Programs resident together then share a span (each weight
+        tile comes from HBM once and serves the whole group from L2) and cycle
+        over the group's hidden rows only, which the host sizes to stay in L2.
+        The LM head is thus read from HBM about once per group, not once per
+        wave of programs as with the span varying fastest.
+        """
+        group = tl.maximum(group_tokens // BLOCK_N, 1)
+        return grouped_coords(pid, tl.cdiv(N, BLOCK_N), n_split, group)
+
+    @triton.jit(do_not_specialize=["arch"])
     def _linear_logprobs_fwd_kernel(
         x_ptr,  # [N, H] hidden states
         w_ptr,  # [V, H] LM-head weight
@@ -321,10 +347,13 @@ if triton is not None:
         H,
         stride_x,
         stride_w,
-        span,  # vocabulary columns per span, a multiple of BLOCK_V
+        span,  # vocabulary columns per span, a multiple of every candidate's BLOCK_V
         n_split,  # spans (SPLIT)
+        group_tokens,  # tokens per program group (see below)
         inv_temp,
-        softcap,
+        inv_softcap,
+        softcap_over_temp,
+        arch,  # compute capability family: part of the autotune key only
         HAS_BIAS: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ENTROPY: tl.constexpr,
@@ -333,18 +362,13 @@ if triton is not None:
         BLOCK_V: tl.constexpr,
         BLOCK_H: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
-        INTERPRET_BF16: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
-        # The span index varies fastest: programs resident at the same time
-        # share a few token blocks (whose hidden rows stay in L2) and stream
-        # the weight spans once for all of them.
-        pid = tl.program_id(0).to(tl.int64)  # 64-bit: N·V and V·H offsets pass 2^31
-        pid_n = pid // n_split
-        pid_s = pid % n_split
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_n, pid_s = _forward_program(tl.program_id(0), N, n_split, group_tokens, BLOCK_N)
+        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # 64-bit: N·V and V·H offsets pass 2^31
         row_mask = rows < N
         tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-        v_begin = pid_s * span
+        v_begin = pid_s.to(tl.int64) * span
         v_end = tl.minimum(v_begin + span, V)
 
         # finite start for the running max: (m − m_new) · l below must be 0, not −inf · 0
@@ -357,11 +381,10 @@ if triton is not None:
             col_mask = cols < v_end
             z = _raw_logits_tile(
                 x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
-                HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRET_BF16,
+                HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRETED,
             )
-            if SOFTCAP:
-                z = softcap * _tanh(z / softcap)
-            s = tl.where(col_mask[None, :], z * inv_temp, float("-inf"))
+            s, _ = _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP, INTERPRETED)
+            s = tl.where(col_mask[None, :], s, float("-inf"))
             # masked columns (≥ V) hold s = −inf and must never be picked
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
             t_s += tl.sum(tl.where(hit, s, 0.0), axis=1)
@@ -382,7 +405,7 @@ if triton is not None:
         owns = row_mask & (tgt >= v_begin) & (tgt < v_end)
         tl.store(tgt_ptr + rows, t_s, mask=owns)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["arch"])
     def _linear_logprobs_dlogits_kernel(
         x_ptr,  # [N, H] hidden states
         w_ptr,  # [V, H] LM-head weight
@@ -399,7 +422,9 @@ if triton is not None:
         stride_w,
         stride_dz,
         inv_temp,
-        softcap,
+        inv_softcap,
+        softcap_over_temp,
+        arch,  # compute capability family: part of the autotune key only
         HAS_BIAS: tl.constexpr,
         SOFTCAP: tl.constexpr,
         EVEN_H: tl.constexpr,
@@ -408,135 +433,161 @@ if triton is not None:
         BLOCK_H: tl.constexpr,
         GROUP_N: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
-        INTERPRET_BF16: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
-        # Grouped ordering (as in the Triton matmul tutorial): GROUP_N token
-        # blocks sweep the chunk's vocabulary blocks together, so both the
-        # hidden rows and the weight rows are reused from L2.
-        pid = tl.program_id(0)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_v = tl.cdiv(v_hi - v_lo, BLOCK_V)
-        num_pid_in_group = GROUP_N * num_pid_v
-        group_id = pid // num_pid_in_group
-        first_n = group_id * GROUP_N
-        group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % num_pid_in_group) % group_size
-        pid_v = (pid % num_pid_in_group) // group_size
-
+        # GROUP_N token blocks sweep the chunk's vocabulary blocks together, so
+        # both the hidden rows and the weight rows are reused from L2.
+        pid_n, pid_v = grouped_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
         rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = v_lo + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_mask = rows < N
         col_mask = cols < v_hi
         z = _raw_logits_tile(
             x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
-            HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRET_BF16,
+            HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRETED,
         )
         tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=float("inf"))  # padding rows: p = 0
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-        if SOFTCAP:
-            th = _tanh(z / softcap)
-            s = softcap * th * inv_temp
-        else:
-            s = z * inv_temp
+        s, th = _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP, INTERPRETED)
         p = tl.exp(s - lse[:, None])
         onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
         dz = (onehot - p) * g[:, None]
         if SOFTCAP:
             dz = dz * (1.0 - th * th)
-        if INTERPRET_BF16:
-            # the CPU interpreter truncates fp32 → bf16; round to nearest even
-            # first, as the GPU's conversion does
-            bits = dz.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            dz = bits.to(tl.float32, bitcast=True)
+        if INTERPRETED:
+            # the CPU interpreter truncates fp32 → bf16: round to nearest even, as the GPU does
+            dz = cast_rtne(dz, dz_ptr.dtype.element_ty)
         dz_ptrs = dz_ptr + rows[:, None] * stride_dz + (cols - v_lo)[None, :]
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+    # H rarely divides every candidate's BLOCK_H the same way: decide per launch
+    _even_h = triton.heuristics({"EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0})
+    _fwd_kernel = _even_h(_linear_logprobs_fwd_kernel)
+    _dlogits_kernel = _even_h(_linear_logprobs_dlogits_kernel)
+    _AUTOTUNE_KEY = ["H", "HAS_BIAS", "SOFTCAP", "INPUT_PRECISION", "arch"]
+    _fwd_tuned = tuning.autotuned(_fwd_kernel, tuning.LINEAR_FORWARD_TILES, key=["V", "ENTROPY"] + _AUTOTUNE_KEY,
+                                  operand_of=lambda args: args["x_ptr"])
+    _dlogits_tuned = tuning.autotuned(_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, key=["v_hi"] + _AUTOTUNE_KEY,
+                                      operand_of=lambda args: args["x_ptr"])
 
 
 # ----------------------------------------------------------------------------
 # triton host launchers
 # ----------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class _Tiles:
-    block_n: int
-    block_v: int
-    block_h: int
-    num_warps: int
-    num_stages: int
+# The CPU interpreter: few, large programs — its cost is per program and per op.
+_INTERPRETER_TILES = tuning.Tiles(block_n=64, block_v=128, block_h=32, num_warps=4, num_stages=1)
+# Hidden rows of one program group kept in L2 while the group sweeps the head: a third of the cache.
+_GROUP_L2_SHARE = 3
+# The dlogits kernel's group of token blocks (a chunk of the vocabulary is ~1/2 of L2 or less).
+_DLOGITS_GROUP_N = 8
 
 
-def _tiles(dtype: torch.dtype, device: torch.device) -> _Tiles:
-    if device.type != "cuda":
-        # interpreter: few, large programs — its cost is per program and per op
-        return _Tiles(block_n=64, block_v=128, block_h=32, num_warps=4, num_stages=1)
-    # 128×128 fp32 accumulator over 8 warps (64 registers a thread), 3-stage
-    # pipeline: 3·(128 + 128)·64·2 B = 96 KiB of shared memory in 16-bit.
-    block_h = 32 if dtype == torch.float32 else 64
-    return _Tiles(block_n=128, block_v=128, block_h=block_h, num_warps=8, num_stages=3)
+def _input_precision(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """How the kernels' dots treat their operands.
 
-
-def _input_precision(dtype: torch.dtype, device: torch.device):
+    16-bit operands: Triton's default (bf16/fp16 tensor-core MMA, fp32
+    accumulation). fp32 on CUDA: "tf32" when PyTorch allows TF32 matmuls,
+    otherwise "tf32x3" — three TF32 products that recover about fp32
+    precision on tensor cores. Plain "ieee" fp32 dots have no tensor cores and
+    spill registers at these tiles; with TF32 off, `auto` sends fp32 to the
+    chunked backend (cuBLAS SGEMM) instead, so only an explicit
+    backend="triton" reaches tf32x3. The interpreter computes exact fp32.
+    """
     if dtype != torch.float32:
-        return None  # irrelevant for 16-bit operands: Triton's default
-    # follow PyTorch's own setting for fp32 matmuls (off by default: exact fp32)
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _interpret_bf16(dtype: torch.dtype, device: torch.device) -> bool:
-    return dtype == torch.bfloat16 and device.type != "cuda"
+        return None
+    if device.type != "cuda":
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_facts(device_index: int) -> tuple[int, int, int]:
+    """(SM count, L2 bytes, architecture family) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    l2 = getattr(props, "L2_cache_size", 0) or 40 * 2**20
+    return props.multi_processor_count, l2, tuning.arch_family(props.major, props.minor)
 
 
-def _split(n_tokens: int, vocab: int, tiles: _Tiles, device: torch.device):
-    """Vocabulary spans per token block: enough programs to fill the GPU."""
-    n_blocks = triton.cdiv(n_tokens, tiles.block_n)
-    v_blocks = triton.cdiv(vocab, tiles.block_v)
+def _facts(device: torch.device) -> tuple[int, int, int]:
+    if device.type != "cuda":
+        return 1, 8 * 2**20, 0
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _span_multiple(device: torch.device) -> int:
+    """Spans must be whole numbers of tiles for every candidate the autotuner may pick."""
+    if device.type != "cuda":
+        return _INTERPRETER_TILES.block_v
+    return max(t.block_v for group in tuning.LINEAR_FORWARD_TILES.values() for t in group)
+
+
+def _split(n_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(spans, columns per span): the vocabulary is split so enough programs fill the GPU."""
+    multiple = _span_multiple(device)
+    units = triton.cdiv(vocab, multiple)
     if device.type == "cuda":
-        # ~16 programs per SM keeps the tail of the last wave short
-        target = 16 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        # ~16 programs per SM (at 128-token blocks) keeps the tail of the last wave short
+        target = 16 * _facts(device)[0]
+        n_blocks = triton.cdiv(n_tokens, 128)
     else:
         target = 4  # interpreter: still ≥ 2 spans, so the merge is exercised
-    split = max(1, min(v_blocks, triton.cdiv(target, n_blocks)))
-    blocks_per_split = triton.cdiv(v_blocks, split)
-    split = triton.cdiv(v_blocks, blocks_per_split)  # no empty span
-    return split, blocks_per_split * tiles.block_v
+        n_blocks = triton.cdiv(n_tokens, _INTERPRETER_TILES.block_n)
+    split = max(1, min(units, triton.cdiv(target, n_blocks)))
+    units_per_split = triton.cdiv(units, split)
+    split = triton.cdiv(units, units_per_split)  # no empty span
+    return split, units_per_split * multiple
 
 
-def _triton_forward(hidden, weight, bias, targets, valid, opts: _Options):
+def _group_tokens(h: int, element_bytes: int, device: torch.device) -> int:
+    """Tokens whose hidden rows take a third of L2: the forward's program group."""
+    if device.type != "cuda":
+        return 2 * _INTERPRETER_TILES.block_n  # several groups even at test sizes
+    return max(1, _facts(device)[1] // _GROUP_L2_SHARE // (h * element_bytes))
+
+
+def _launch_options(tiles: Optional[tuning.Tiles], device: torch.device) -> dict:
+    """Tile constexprs and warps for a forced (or interpreter) configuration; {} lets the autotuner choose."""
+    if tiles is None and device.type == "cuda":
+        return {}
+    tiles = tiles or _INTERPRETER_TILES
+    return dict(tiles.constexprs(), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _softcap_args(opts: _Options) -> tuple[float, float, float]:
+    """(1/T, 1/cap, cap/T): the kernels multiply, never divide."""
+    cap = opts.softcap or 1.0
+    return 1.0 / opts.temperature, 1.0 / cap, cap / opts.temperature
+
+
+def _forward_flags(dtype: torch.dtype, device: torch.device, has_bias: bool, opts: _Options) -> dict:
+    return dict(
+        HAS_BIAS=has_bias,
+        SOFTCAP=opts.softcap is not None,
+        ENTROPY=opts.entropy,
+        INPUT_PRECISION=_input_precision(dtype, device),
+        INTERPRETED=device.type != "cuda",
+    )
+
+
+def _triton_forward(hidden, weight, bias, targets, valid, opts: _Options, tiles: Optional[tuning.Tiles] = None):
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    tiles = _tiles(hidden.dtype, device)
-    split, span = _split(n, vocab, tiles, device)
+    split, span = _split(n, vocab, device)
     lse_part = torch.empty((split, n), dtype=torch.float32, device=device)
     ent_part = torch.empty((split, n), dtype=torch.float32, device=device) if opts.entropy else lse_part
     target_s = torch.zeros(n, dtype=torch.float32, device=device)
-    grid = (triton.cdiv(n, tiles.block_n) * split,)
-    _linear_logprobs_fwd_kernel[grid](
+    options = _launch_options(tiles, device)
+    kernel = _fwd_tuned if not options else _fwd_kernel
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * split,)](
         hidden, weight, bias if bias is not None else hidden, targets,
         lse_part, ent_part, target_s,
         n, vocab, h, hidden.stride(0), weight.stride(0), span, split,
-        1.0 / opts.temperature, float(opts.softcap or 1.0),
-        HAS_BIAS=bias is not None,
-        SOFTCAP=opts.softcap is not None,
-        ENTROPY=opts.entropy,
-        EVEN_H=h % tiles.block_h == 0,
-        BLOCK_N=tiles.block_n,
-        BLOCK_V=tiles.block_v,
-        BLOCK_H=tiles.block_h,
-        INPUT_PRECISION=_input_precision(hidden.dtype, device),
-        INTERPRET_BF16=_interpret_bf16(hidden.dtype, device),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        _group_tokens(h, hidden.element_size(), device), *_softcap_args(opts), _facts(device)[2],
+        **_forward_flags(hidden.dtype, device, bias is not None, opts),
+        **options,
     )
     lse, ent = _merge_parts(lse_part, ent_part if opts.entropy else None)
     logp, ent = _finish(target_s, lse, ent, valid)
@@ -584,12 +635,14 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += a @ b
 
 
-def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Options, needs):
+
+
+def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Options, needs,
+                     tiles: Optional[tuning.Tiles] = None):
     need_h, need_w, need_b = needs
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    tiles = _tiles(hidden.dtype, device)
     chunk = min(vocab, opts.chunk_size or _default_chunk(n, vocab, _TRITON_ELEMENTS))
     n_chunks = triton.cdiv(vocab, chunk)
     g_scaled = torch.where(valid, g.float(), torch.zeros_like(lse)) * (1.0 / opts.temperature)
@@ -599,24 +652,19 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
         grad_h = torch.empty_like(hidden) if n_chunks == 1 else torch.zeros((n, h), dtype=torch.float32, device=device)
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
+    options = _launch_options(tiles, device)
+    kernel = _dlogits_tuned if not options else _dlogits_kernel
+    flags = _forward_flags(hidden.dtype, device, bias is not None, opts)
+    del flags["ENTROPY"]
     for v_lo in range(0, vocab, chunk):
         v_hi = min(vocab, v_lo + chunk)
-        grid = (triton.cdiv(n, tiles.block_n) * triton.cdiv(v_hi - v_lo, tiles.block_v),)
-        _linear_logprobs_dlogits_kernel[grid](
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, g_scaled, dz_buf,
             n, h, v_lo, v_hi, hidden.stride(0), weight.stride(0), dz_buf.stride(0),
-            1.0 / opts.temperature, float(opts.softcap or 1.0),
-            HAS_BIAS=bias is not None,
-            SOFTCAP=opts.softcap is not None,
-            EVEN_H=h % tiles.block_h == 0,
-            BLOCK_N=tiles.block_n,
-            BLOCK_V=tiles.block_v,
-            BLOCK_H=tiles.block_h,
-            GROUP_N=8,
-            INPUT_PRECISION=_input_precision(hidden.dtype, device),
-            INTERPRET_BF16=_interpret_bf16(hidden.dtype, device),
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            *_softcap_args(opts), _facts(device)[2],
+            GROUP_N=_DLOGITS_GROUP_N,
+            **flags,
+            **options,
         )
         dz = dz_buf[:, : v_hi - v_lo]  # [N, c], row stride `chunk`: cuBLAS takes it as is
         if need_w:
@@ -631,6 +679,59 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
     if need_h:
         grad_h = grad_h.to(hidden.dtype)
     return (grad_h if need_h else None), grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------
+# every CUDA launch, for the compile check
+# ----------------------------------------------------------------------------
+
+# (operand dtype, its width, the dot's input precision) of every CUDA dispatch
+_CUDA_OPERANDS = (("bf16", 2, None), ("fp16", 2, None), ("fp32", 4, "tf32"), ("fp32", 4, "tf32x3"))
+
+
+def cuda_launches(arch: int):
+    """Every launch the CUDA dispatch of this op can make on architecture family `arch`.
+
+    Built from the autotune candidates (`tuning.LINEAR_*_TILES`) and the same
+    flag and precision choices the launchers make; the representative subset
+    is each candidate at the heaviest flags plus the lightest flags once.
+    """
+    if triton is None:
+        return
+    kernels = (
+        (_linear_logprobs_fwd_kernel, tuning.LINEAR_FORWARD_TILES, ("HAS_BIAS", "SOFTCAP", "ENTROPY", "EVEN_H")),
+        (_linear_logprobs_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, ("HAS_BIAS", "SOFTCAP", "EVEN_H")),
+    )
+    for kernel, table, flag_names in kernels:
+        for dtype, width, precision in _CUDA_OPERANDS:
+            for rank, tiles in enumerate(tuning.candidates(table, arch, tuning.operand_kind(width, precision))):
+                for flags in itertools.product((True, False), repeat=len(flag_names)):
+                    flag = dict(zip(flag_names, flags))
+                    bias_dtypes = (dtype, "fp32") if flag["HAS_BIAS"] and dtype != "fp32" else (dtype,)
+                    for bias_dtype in bias_dtypes:
+                        heavy = all(v for k, v in flag.items() if k != "EVEN_H") and bias_dtype == dtype
+                        representative = (heavy and (rank == 0 or not flag["EVEN_H"])
+                                          or not any(flags) and rank == 0 and dtype == "bf16")
+                        types = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "dz_ptr")}
+                        types.update(b_ptr=f"*{bias_dtype}", t_ptr="*i64", lse_part_ptr="*fp32",
+                                     ent_part_ptr="*fp32", tgt_ptr="*fp32", lse_ptr="*fp32", g_ptr="*fp32",
+                                     inv_temp="fp32", inv_softcap="fp32", softcap_over_temp="fp32")
+                        signature = tuning.runtime_signature(kernel, types)
+                        # pointers come 16-byte aligned; H (ragged or not: CUDA launches need
+                        # H % 16 == 0), V, strides and spans are multiples of 16
+                        aligned = {name for name, kind in signature.items() if kind.startswith("*")}
+                        aligned |= {"H", "V", "stride_x", "stride_w", "span", "v_lo", "stride_dz"} & set(signature)
+                        constexprs = dict(flag, **tiles.constexprs(), INPUT_PRECISION=precision, INTERPRETED=False)
+                        if "GROUP_N" in kernel.arg_names:
+                            constexprs["GROUP_N"] = _DLOGITS_GROUP_N
+                        label = (f"{dtype}{'/' + precision if precision else ''} {tiles} "
+                                 + " ".join(k.lower() for k, v in flag.items() if v)
+                                 + (f" bias:{bias_dtype}" if bias_dtype != dtype else ""))
+                        yield tuning.Launch(
+                            kernel=kernel, label=label.strip(), signature=signature, constexprs=constexprs,
+                            num_warps=tiles.num_warps, num_stages=tiles.num_stages, aligned=frozenset(aligned),
+                            tensor_cores=True, representative=representative,
+                        )
 
 
 # ----------------------------------------------------------------------------
@@ -706,6 +807,24 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, chunk_siz
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def resolve_linear_backend(backend: str, hidden: torch.Tensor) -> str:
+    """The concrete backend for the LM-head op: as `resolve_backend`, except that on CUDA `auto`
+    keeps on `chunked` (cuBLAS GEMMs)
+    * fp32 with TF32 matmuls off (PyTorch's default): cuBLAS SGEMM is exact fp32, as the caller
+      asked, where Triton would run 3-pass TF32 dots;
+    * H not a multiple of 16 (no production model): rows are not 16-byte aligned, so the
+      kernels' asynchronous copies cannot be used."""
+    if backend == "auto" and hidden.is_cuda and (
+            hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+            or hidden.shape[-1] % _CUDA_H_MULTIPLE):
+        return "chunked"
+    backend = resolve_backend(backend, hidden)
+    if backend == "triton" and hidden.is_cuda and hidden.shape[-1] % _CUDA_H_MULTIPLE:
+        raise ValueError(f"backend='triton' on CUDA needs H divisible by {_CUDA_H_MULTIPLE} (16-byte aligned rows "
+                         f"for the tensor-core pipeline), got H = {hidden.shape[-1]}: use 'auto' or 'chunked'")
+    return backend
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -727,13 +846,15 @@ def linear_logprobs(
     raw logits before the temperature. With `return_entropy` also returns the
     entropy [N] of the same distribution (detached), from the same pass.
 
-    backend: "auto" (triton on CUDA, else chunked), "reference", "chunked",
-    "triton". chunk_size: vocabulary columns per chunk for chunked/triton
+    backend: "auto" (triton on CUDA, except fp32 with TF32 matmuls off, which
+    takes chunked's cuBLAS SGEMMs; else chunked), "reference", "chunked",
+    "triton" (fp32 on CUDA: tf32 dots when TF32 matmuls are allowed, else
+    tf32x3). chunk_size: vocabulary columns per chunk for chunked/triton
     (default: sized from N so one [N, chunk] buffer stays bounded).
     Differentiable w.r.t. hidden, weight and bias.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, chunk_size)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_linear_backend(backend, hidden)
     valid = targets != ignore_index
     vocab = weight.shape[0]
     # a target outside [0, V) would silently read another token's logit in
@@ -754,8 +875,8 @@ def linear_logprobs(
     targets = targets.to(torch.int64).contiguous()
     opts = _Options(float(temperature), softcap, int(ignore_index), bool(return_entropy), backend, chunk_size)
 
-    if hidden.shape[0] == 0 and backend == "triton":
-        opts = _Options(opts.temperature, softcap, opts.ignore_index, opts.entropy, "chunked", chunk_size)  # no empty grid
+    if hidden.shape[0] == 0 and backend == "triton":  # no empty grid
+        opts = _Options(opts.temperature, softcap, opts.ignore_index, opts.entropy, "chunked", chunk_size)
 
     inputs = (hidden, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

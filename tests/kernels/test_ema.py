@@ -103,9 +103,14 @@ def test_single_flat_buffer(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_many_tensors_one_launch(backend, monkeypatch):
+@pytest.mark.parametrize("vector_sizes", [True, False], ids=["sizes-whole-vectors", "any-sizes"])
+def test_many_tensors_one_launch(backend, vector_sizes, monkeypatch):
+    """Aligned tensors whose sizes are whole 16-byte vectors share one launch; other sizes take a second."""
     generator = torch.Generator().manual_seed(1)
-    shapes = [(int(n),) for n in torch.randint(0, 300, (200,), generator=generator)]
+    sizes = torch.randint(0, 300, (200,), generator=generator)
+    if vector_sizes:
+        sizes = sizes // 8 * 8
+    shapes = [(int(n),) for n in sizes]
     anchors, policies, shadows = _make(shapes, torch.bfloat16, torch.bfloat16)
     expected = _clone(anchors)
     ema_(expected, policies, 0.1, backend="reference")
@@ -125,7 +130,8 @@ def test_many_tensors_one_launch(backend, monkeypatch):
         torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7)
         assert torch.equal(s, got.to(torch.bfloat16))
     if backend == "triton":
-        assert len(launches) == 1  # one dtype group, aligned: one launch for 200 tensors
+        # one dtype group, aligned: one launch for 200 tensors (two when some sizes end mid-vector)
+        assert len(launches) == (1 if vector_sizes else 2)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -1,0 +1,237 @@
+"""Compile every CUDA launch of the fused ops for sm_80 and sm_90, without a GPU.
+
+    python -m fastbond.kernels.compile_check            # the representative subset (CI)
+    python -m fastbond.kernels.compile_check --full     # every launch the dispatch can make
+    python -m fastbond.kernels.compile_check --full --json table.json --jobs 2
+
+Triton compiles a `@triton.jit` function for any GPU target on a machine
+without one (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`),
+and the `ptxas` in the Triton wheel reports registers and spills. Each kernel
+module lists its launches (`cuda_launches(arch)`), built by the same
+functions its launchers use and from the autotune candidate lists of
+`fastbond.kernels.tuning`, so a new configuration cannot escape the check. A
+launch passes when it
+
+* compiles,
+* fits the per-block shared memory (A100 166,912 B; H100 232,448 B),
+* spills nothing to local memory (every launch of the trainer's dtypes —
+  bf16, fp16, and fp32 on tensor cores as tf32/tf32x3),
+* lowers its dots to tensor-core instructions (`mma.sync` on sm_80, `wgmma`
+  on sm_90) where it has dots,
+* loads 16 bytes at a time where its launch promises it (the EMA's aligned
+  tensors, whole chunks and tails alike).
+
+Also checked: every boolean compile-time flag of every kernel is compiled
+both ways, and every compile-time parameter has a value (a kernel parameter
+added without a launch for it fails here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+from fastbond.kernels.tuning import ARCHS, SHARED_MEMORY_PER_BLOCK, Launch
+
+# Flags only the CPU interpreter sets: a CUDA launch always has them False.
+CPU_ONLY_FLAGS = frozenset({"INTERPRETED"})
+# Every module with a Triton kernel; each lists its launches in `cuda_launches(arch)`.
+KERNEL_MODULES = ("fastbond.kernels.linear_logprobs", "fastbond.kernels.jbond_loss", "fastbond.kernels.ema")
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    label: str
+    arch: int
+    ok: bool
+    error: str = ""
+    shared: int = 0
+    registers: int = 0
+    spill_bytes: int = 0
+    tensor_cores: bool = False
+    needs_tensor_cores: bool = False
+    vector_loads: int = 0
+    needs_vector_loads: int = 0
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        where = f"{self.kernel} [{self.label}] on sm_{self.arch}"
+        if not self.ok:
+            return [f"{where}: does not compile: {self.error}"]
+        found = []
+        if self.shared > SHARED_MEMORY_PER_BLOCK[self.arch]:
+            found.append(f"{where}: {self.shared} B of shared memory > {SHARED_MEMORY_PER_BLOCK[self.arch]} B")
+        if self.spill_bytes:
+            found.append(f"{where}: {self.spill_bytes} B spilled at {self.registers} registers")
+        if self.needs_tensor_cores and not self.tensor_cores:
+            found.append(f"{where}: its dots do not use tensor cores")
+        if self.vector_loads < self.needs_vector_loads:
+            found.append(f"{where}: {self.vector_loads} vector loads, {self.needs_vector_loads} expected")
+        return found
+
+
+def all_launches(arch: int) -> list[Launch]:
+    """Every launch of every fused op for `arch`, from the kernel modules themselves."""
+    launches = []
+    for name in KERNEL_MODULES:
+        launches.extend(importlib.import_module(name).cuda_launches(arch))
+    return launches
+
+
+def coverage_problems(launches: list[Launch]) -> list[str]:
+    """Every constexpr parameter has a value in every launch; every boolean flag is compiled both ways."""
+    problems = []
+    by_kernel: dict[str, list[Launch]] = {}
+    for launch in launches:
+        by_kernel.setdefault(launch.name, []).append(launch)
+    for name, group in by_kernel.items():
+        params = group[0].kernel.params
+        constexpr = [p.name for p in params if p.is_constexpr]
+        runtime = [p.name for p in params if not p.is_constexpr]
+        for launch in group:
+            missing = [p for p in constexpr if p not in launch.constexprs]
+            if missing:
+                problems.append(f"{name} [{launch.label}]: no value for constexpr {missing}")
+            if list(launch.signature) != runtime:
+                problems.append(f"{name} [{launch.label}]: signature {list(launch.signature)} != parameters {runtime}")
+        for flag in constexpr:
+            if flag in CPU_ONLY_FLAGS:
+                continue
+            values = {launch.constexprs.get(flag) for launch in group}
+            if values <= {True, False} and values != {True, False}:
+                problems.append(f"{name}: flag {flag} is only ever compiled as {values.pop()}")
+    return problems
+
+
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_one(launch: Launch, arch: int) -> Compiled:
+    """Compile `launch` for sm_`arch` and read shared memory, registers, spills and instructions."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = Compiled(kernel=launch.name, label=launch.label, arch=arch, ok=False,
+                      needs_tensor_cores=launch.tensor_cores, needs_vector_loads=launch.min_vector_loads)
+    start = time.perf_counter()
+    names = list(launch.kernel.arg_names)
+    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in launch.aligned}
+    signature = dict(launch.signature)
+    signature.update({p: "constexpr" for p in launch.constexprs})
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=launch.constexprs, attrs=attrs)
+    log = io.StringIO()
+    try:
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    except Exception as error:  # noqa: BLE001 - any compiler failure is a finding
+        result.error = " ".join(str(error).split())[:300]
+        result.seconds = time.perf_counter() - start
+        return result
+    ptxas = log.getvalue()
+    ptx = compiled.asm["ptx"]
+    registers = _REGISTERS.search(ptxas)
+    spills = _SPILLS.search(ptxas)
+    result.ok = True
+    result.shared = int(compiled.metadata.shared)
+    result.registers = int(registers.group(1)) if registers else -1
+    result.spill_bytes = int(spills.group(1)) + int(spills.group(2)) if spills else 0
+    result.tensor_cores = ("mma.sync" in ptx) or ("wgmma" in ptx)
+    result.vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.b32", ptx))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _compile_task(task: tuple[int, int, bool]) -> Compiled:
+    arch, index, full = task
+    return compile_one(_selected(arch, full)[index], arch)
+
+
+def _selected(arch: int, full: bool) -> list[Launch]:
+    launches = all_launches(arch)
+    return launches if full else [launch for launch in launches if launch.representative]
+
+
+def run(archs=ARCHS, full: bool = False, jobs: int = 1, progress=None) -> tuple[list[Compiled], list[str]]:
+    """Compile the launches of `archs`; return the results and every problem found."""
+    problems = []
+    tasks = []
+    for arch in archs:
+        problems += [f"sm_{arch}: {p}" for p in coverage_problems(all_launches(arch))]
+        tasks += [(arch, i, full) for i in range(len(_selected(arch, full)))]
+    results = []
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            for result in pool.map(_compile_task, tasks):
+                results.append(result)
+                if progress:
+                    progress(result, len(results), len(tasks))
+    else:
+        for task in tasks:
+            results.append(_compile_task(task))
+            if progress:
+                progress(results[-1], len(results), len(tasks))
+    for result in results:
+        problems += result.problems()
+    return results, problems
+
+
+def table(results: list[Compiled]) -> str:
+    """A markdown table, one row per compiled launch."""
+    lines = ["| kernel | configuration | arch | shared B | registers | spills B | tensor cores | vector loads |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.ok:
+            lines.append(f"| {r.kernel} | {r.label} | sm_{r.arch} | — | — | — | — | FAILED: {r.error[:60]} |")
+            continue
+        cores = "yes" if r.tensor_cores else ("NO" if r.needs_tensor_cores else "—")
+        lines.append(f"| {r.kernel} | {r.label} | sm_{r.arch} | {r.shared} | {r.registers} | {r.spill_bytes} | "
+                     f"{cores} | {r.vector_loads} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastbond.kernels.compile_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="every launch, not the representative subset")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--table", action="store_true", help="print the markdown table")
+    args = parser.parse_args(argv)
+
+    def progress(result: Compiled, done: int, total: int):
+        status = "ok" if not result.problems() else "PROBLEM"
+        print(f"[{done}/{total}] sm_{result.arch} {result.kernel} {result.label}: {status} "
+              f"({result.registers} regs, {result.spill_bytes} B spilled, {result.shared} B shared, "
+              f"{result.seconds:.1f} s)", flush=True)
+
+    results, problems = run(args.arch, args.full, args.jobs, progress)
+    if args.table:
+        print(table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"results": [asdict(r) for r in results], "problems": problems}, f, indent=1)
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print(f"{len(results)} launches compiled, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
