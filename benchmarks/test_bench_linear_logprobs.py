@@ -17,9 +17,10 @@ Implementations (same inputs, per-token upstream gradient where the API allows):
 * `cce`        — Cut Cross-Entropy's `linear_cross_entropy`, reduction="none";
 * `cublas`     — the bare GEMMs any implementation needs, as plain torch.mm at
   the same shapes, unchunked: logits h·Wᵀ (fwd), dz·W and dzᵀ·h (bwd).
-  Goal: triton `fwdbwd` within 1.3× of this, and no slower than the faster
-  of liger / cce. Note the recompute design executes 8·NHV flops against the
-  baseline's 6·NHV, so 1.33× is its floor at equal GEMM efficiency.
+  Goal: triton `fwdbwd` within 1.1× of its 4-GEMM floor, and no slower than
+  the faster of liger / cce. The recompute design executes 8·NHV flops
+  against the baseline's 6·NHV, so 1.33× this is its floor at equal GEMM
+  efficiency, and the goal 1.47× this.
 
 liger and cce run only when importable. Modes: `fwd` (a training forward:
 inputs require grad), `bwd` (the backward alone; the forward runs in the
@@ -268,17 +269,23 @@ def test_bench_linear_logprobs(benchmark, head, h, v, n, impl, mode):
 # ----------------------------------------------------------------------------
 
 
-def summarize(path: str) -> str:
-    """Median ms per implementation and the ratios the goal is stated in."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+def cases(data: dict) -> dict:
+    """{(head, N, mode): {impl: (median ms, extra_info)}} of the timed cases of a --benchmark-json file's data."""
     table: dict = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "impl" not in info or not bench.get("stats"):
             continue
         key = (info["head"], info["N"], info["mode"])
-        table.setdefault(key, {})[info["impl"]] = bench["stats"]["median"] * 1e3
+        table.setdefault(key, {})[info["impl"]] = (bench["stats"]["median"] * 1e3, info)
+    return table
+
+
+def summarize(path: str) -> str:
+    """Median ms per implementation and the ratios the goal is stated in."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    table = {key: {impl: ms for impl, (ms, _) in row.items()} for key, row in cases(data).items()}
     impls = [i for i in IMPLS if any(i in row for row in table.values())]
     lines = [
         " | ".join(["head", "N", "mode"] + [f"{i} ms" for i in impls] + ["triton/cublas", "triton/best(liger,cce)"]),

@@ -361,7 +361,7 @@ def jbond_linear_loss(
     # (token log-probs, lse kept), its recomputing backward the second (see the module docstring).
     hidden = torch.cat([policy_hidden, best_hidden])  # [N_p + N_b, H]
     targets = torch.cat([policy_targets.to(torch.int64), best_targets.to(torch.int64)])  # [N_p + N_b]
-    out = linear_logprobs(hidden, weight, targets, backend=resolved, chunk_size=chunk_size,
+    out = linear_logprobs(hidden, weight, targets, backend=backend, chunk_size=chunk_size,
                           return_entropy=return_entropy, **common)
     logp, entropy = out if return_entropy else (out, None)  # [N_p + N_b] fp32
 

@@ -1,0 +1,512 @@
+"""One command for the GPU day: CUDA tests, benchmarks at real shapes, one J-BOND step, the goal table.
+
+    bash benchmarks/gpu_check.sh [--dry-run] [--out PATH]     # the entry: installs carried wheels, then this
+
+Parts, each a subprocess with its own timeout inside one 8-minute budget:
+
+    tests                 python -m pytest -m cuda tests          pass / fail / skip counts
+    bench:<suite>         benchmarks/test_bench_<suite>.py --benchmark-enable --benchmark-json=…,
+                          at the real shapes (-k picks them, `SUITES`)
+    step                  benchmarks/jbond_step.py: one J-BOND step of a Gemma-2B-shaped model
+
+A part that runs past its timeout is killed with its process group and
+recorded as "timed out". The result, `benchmarks/results/<gpu>-<date>.json`
+(or --out), holds the environment, every part's status, the test counts, a
+summary of each suite's numbers, the step's phase timings, and the goal rows
+of benchmarks/README.md, also printed as a markdown table. The raw files
+(logs, pytest-benchmark JSON, JUnit XML) are in the directory of the same
+name beside it.
+
+--dry-run rehearses all of it on CPU at the suites' tiny shapes, in seconds
+per part: CUDA is hidden from the parts, and every goal row says "skipped (no CUDA)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCHEMA = "fastbond-gpu-check/1"
+BUDGET_S = 480  # the whole command, wheel installation included
+REPORT_S = 15  # kept back for the summary and the table
+
+# Goals (benchmarks/README.md). linear_logprobs recomputes the logits in its
+# backward: 4 GEMMs against the 3 any implementation needs, a floor of 4/3 of
+# the bare GEMMs; the goal is 1.1x that floor.
+FLOOR_OVER_GEMMS = 4 / 3
+GOAL_OVER_FLOOR = 1.1
+GOAL_EMA_OVER_COPY = 0.85
+
+# Packages carried as wheels (benchmarks/build_wheels.sh): distribution → module.
+OPTIONAL = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy", "deepspeed": "deepspeed"}
+
+
+@dataclass
+class Part:
+    name: str
+    command: list[str]
+    cap_s: int  # its own timeout
+    estimate_s: int  # expected on one H100/H200, for the budget in benchmarks/README.md
+    floor_s: int = 20  # not started with less time than this left
+    files: dict = field(default_factory=dict)
+
+
+# Benchmark suites and the cases run on CUDA (-k): each suite's main shape at
+# least, within the budget. On CPU every suite runs its own tiny shapes whole.
+SUITES = {
+    # Gemma-2B's head at both N; no torch.compile (minutes of compilation), no
+    # fp32 reference or fp32 chunked at N=16384 (seconds a call, not a goal).
+    "linear_logprobs": ("gemma-2b and not compiled and not (N16384 and (reference or chunked))", 160, 110),
+    # The largest batch: torch.compile compiles once per shape.
+    "jbond_loss": ("B512-T4096", 90, 60),
+    # Both presets: memory-bound passes of a few hundred ms.
+    "ema": (None, 60, 30),
+    # The smaller batch; not behind a goal, so it runs last.
+    "jbond_linear": ("B16xT256", 70, 50),
+}
+STEP_CAP_S, STEP_ESTIMATE_S = 150, 100
+TESTS_CAP_S, TESTS_ESTIMATE_S = 90, 60
+
+
+def parts(raw: Path, cuda: bool) -> list[Part]:
+    py = sys.executable
+    tests = Part("tests", [py, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider",
+                           f"--junitxml={raw / 'tests.xml'}"], TESTS_CAP_S, TESTS_ESTIMATE_S,
+                 files={"junit": raw / "tests.xml"})
+    bench = {}
+    for suite, (select, cap, estimate) in SUITES.items():
+        command = [py, "-m", "pytest", str(BENCH / f"test_bench_{suite}.py"), "-q", "-p", "no:cacheprovider",
+                   "--benchmark-enable", f"--benchmark-json={raw / f'bench-{suite}.json'}",
+                   f"--junitxml={raw / f'bench-{suite}.xml'}"]
+        if cuda and select:
+            command += ["-k", select]
+        bench[suite] = Part(f"bench:{suite}", command, cap, estimate,
+                            files={"json": raw / f"bench-{suite}.json", "junit": raw / f"bench-{suite}.xml"})
+    step_args = [] if cuda else ["--tiny", "--prompts", "4", "--new-tokens", "8"]
+    step = Part("step", [py, str(BENCH / "jbond_step.py"), "--out", str(raw / "step.json"), *step_args],
+                STEP_CAP_S, STEP_ESTIMATE_S, floor_s=90 if cuda else 20, files={"json": raw / "step.json"})
+    return [tests, bench["linear_logprobs"], bench["jbond_loss"], bench["ema"], step, bench["jbond_linear"]]
+
+
+# --------------------------------------------------------------------------- #
+# running the parts
+# --------------------------------------------------------------------------- #
+
+
+class Clock:
+    def __init__(self, t0: float):
+        self.t0 = t0
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def say(self, message: str) -> None:
+        e = int(self.elapsed())
+        print(f"[{time.strftime('%H:%M:%S')} +{e // 60:02d}:{e % 60:02d}] {message}", flush=True)
+
+
+def run_part(part: Part, timeout: float, log: Path, env: dict) -> dict:
+    """Run `part.command` with its output in `log`; kill its whole process group past `timeout`."""
+    started = time.time()
+    with log.open("w") as out:
+        proc = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+            status = "ok" if returncode == 0 else f"failed (exit {returncode})"
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            returncode, status = None, "timed out"
+    return {"status": status, "exit": returncode, "seconds": round(time.time() - started, 1),
+            "timeout_s": round(timeout), "log": shown(log), "command": part.command}
+
+
+def junit_counts(path: Path) -> dict | None:
+    """passed / failed / errors / skipped of a JUnit XML file, and the ids of what failed."""
+    if not path.is_file():
+        return None
+    root = ET.parse(path).getroot()
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_ids": []}
+    for case in root.iter("testcase"):
+        tags = {child.tag for child in case}
+        key = "failed" if "failure" in tags else "errors" if "error" in tags else \
+            "skipped" if "skipped" in tags else "passed"
+        counts[key] += 1
+        if key in ("failed", "errors"):
+            counts["failed_ids"].append(f"{case.get('classname')}::{case.get('name')}")
+    return counts
+
+
+def shown(path: Path) -> str:
+    """A path as the result records it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- #
+# the environment (probed in a subprocess: this process never touches the GPU)
+# --------------------------------------------------------------------------- #
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def probe_environment() -> dict:
+    from importlib import metadata
+
+    import transformers
+
+    env = _load("_bench_conftest", BENCH / "conftest.py").environment()
+    env.update(transformers=transformers.__version__, python=platform.python_version(), machine=platform.machine())
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, check=False).stdout.strip()
+    env["uncommitted_changes"] = bool(dirty)
+    packages = {}
+    for dist, module in OPTIONAL.items():
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            packages[dist] = {"version": None, "import": "not installed"}
+            continue
+        try:
+            __import__(module)
+            packages[dist] = {"version": version, "import": "ok"}
+        except Exception as error:  # noqa: BLE001 - any import failure is reported, not raised
+            packages[dist] = {"version": version, "import": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+    env["packages"] = packages
+    return env
+
+
+# --------------------------------------------------------------------------- #
+# summaries of the raw files
+# --------------------------------------------------------------------------- #
+
+
+def _sig(value):
+    return None if value is None else float(f"{value:.4g}")
+
+
+def summarize_suite(suite: str, data: dict) -> list[dict]:
+    """The numbers the goals and the table need, from one suite's pytest-benchmark JSON."""
+    rows = []
+    if suite == "linear_logprobs":
+        cases = _load("_bench_linear_logprobs", BENCH / "test_bench_linear_logprobs.py").cases(data)
+        for (head, n, mode), row in sorted(cases.items()):
+            info = next(iter(row.values()))[1]
+            rows.append({"head": head, "N": n, "H": info["H"], "V": info["V"], "mode": mode,
+                         "ms": {impl: _sig(ms) for impl, (ms, _) in row.items()},
+                         "peak_extra_MiB": {impl: extra.get("peak_extra_MiB") for impl, (_, extra) in row.items()}})
+        return rows
+    for bench in data.get("benchmarks", []):
+        info, stats = bench.get("extra_info", {}), bench.get("stats") or {}
+        ms = _sig(stats.get("median", 0) * 1e3) if stats else None
+        name = bench.get("param") or bench.get("name")
+        if suite == "jbond_loss" and "speedup_vs_reference" in info:  # the triton case times the others too
+            rows.append({"B": info["batch"], "T": info["length"],
+                         "us": {k[:-3]: v for k, v in info.items() if k.endswith("_us")},
+                         **{k: v for k, v in info.items() if k.startswith("speedup_vs_")}})
+        elif suite == "ema" and "ratio_vs_copy" in info:
+            rows.append({"preset": info["preset"], "params": info["params"],
+                         "GB/s": {k[:-5]: v for k, v in info.items() if k.endswith("_GB/s")},
+                         "ratio_vs_copy": info["ratio_vs_copy"], "ratio_vs_foreach_lerp": info["ratio_vs_foreach_lerp"]})
+        elif suite == "jbond_linear" and "impl" in info:
+            rows.append({"B": info["B"], "T": info["T"], "mode": info["mode"], "impl": info["impl"], "ms": ms,
+                         "peak_extra_MiB": info.get("peak_extra_MiB")})
+        elif suite in ("jbond_loss", "ema") and ms is not None:
+            rows.append({"case": name, "ms": ms})
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# goals
+# --------------------------------------------------------------------------- #
+
+# The shapes each goal is judged at; a shape that was not measured is a skipped row that says why.
+GOAL_SHAPES = {"linear_logprobs": [("gemma-2b", 4096), ("gemma-2b", 16384)], "jbond_loss": [(512, 4096)],
+               "ema": ["gemma-2b", "gemma-7b"]}
+
+
+def _row(goal: str, measured, target: str, ok: bool | None, reason: str = "") -> dict:
+    verdict = "skipped" if ok is None else "PASS" if ok else "FAIL"
+    return {"goal": goal, "measured": measured, "target": target, "verdict": verdict, "reason": reason}
+
+
+def _why_missing(result: dict, suite: str, what: str) -> str:
+    """Why a goal's numbers are absent: no CUDA, the part's fate, or the case itself."""
+    if not result["env"].get("cuda_available"):
+        return "no CUDA"
+    part = result["parts"].get(f"bench:{suite}", {})
+    status = part.get("status", "not run")
+    if status.startswith("skipped: "):
+        return status.removeprefix("skipped: ")
+    if status != "ok" and not result["benchmarks"].get(suite, {}).get("results"):
+        return f"benchmark {status}"
+    return f"{what} not measured (skipped or out of memory: see {part.get('log', 'the log')})"
+
+
+def evaluate_goals(result: dict) -> list[dict]:
+    """The goal rows of benchmarks/README.md from a result's summaries: PASS, FAIL or skipped with a reason."""
+    rows = []
+    tests = result.get("tests")
+    if not result["env"].get("cuda_available"):
+        rows.append(_row("CUDA tests (-m cuda) all pass", None, "0 failed", None, "no CUDA"))
+    elif not tests or tests["passed"] + tests["failed"] + tests["errors"] == 0:
+        rows.append(_row("CUDA tests (-m cuda) all pass", None, "0 failed", None,
+                         f"tests {result['parts'].get('tests', {}).get('status', 'not run')}, nothing ran"))
+    else:
+        bad = tests["failed"] + tests["errors"]
+        rows.append(_row("CUDA tests (-m cuda) all pass", f"{tests['passed']} passed, {bad} failed",
+                         "0 failed", bad == 0 and result["parts"]["tests"]["status"] != "timed out",
+                         "timed out" if result["parts"]["tests"]["status"] == "timed out" else ""))
+
+    measured = {(r["head"], r["N"]): r for r in result["benchmarks"].get("linear_logprobs", {}).get("results", [])
+                if r["mode"] == "fwdbwd"}
+    packages = result["env"].get("packages", {})
+    for head, n in GOAL_SHAPES["linear_logprobs"]:
+        where = f"[{head} N={n}]"
+        row = measured.get((head, n), {})
+        ms = row.get("ms", {})
+        tri = ms.get("triton")
+        missing = None if tri else _why_missing(result, "linear_logprobs", "the triton fwd+bwd case")
+        rivals = {k: ms[k] for k in ("liger", "cce") if ms.get(k)}
+        goal = f"linear_logprobs fwd+bwd ≤ min(Liger, CCE) {where}"
+        if missing:
+            rows.append(_row(goal, None, "≤ 1.00×", None, missing))
+        elif not rivals:
+            absent = [d for d in ("liger-kernel", "cut-cross-entropy") if packages.get(d, {}).get("import") != "ok"]
+            why = f"{' and '.join(absent)} not installed" if absent else "Liger and CCE cases not measured"
+            rows.append(_row(goal, None, "≤ 1.00×", None, why))
+        else:
+            best = min(rivals, key=rivals.get)
+            ratio = tri / rivals[best]
+            rows.append(_row(goal, f"{ratio:.2f}× {best} ({tri:.2f} vs {rivals[best]:.2f} ms)", "≤ 1.00×",
+                             ratio <= 1.0))
+        goal = f"linear_logprobs fwd+bwd ≤ {GOAL_OVER_FLOOR}× its 4-GEMM floor {where}"
+        target = f"≤ {GOAL_OVER_FLOOR * FLOOR_OVER_GEMMS:.2f}× the 3 bare GEMMs"
+        if missing or not ms.get("cublas"):
+            rows.append(_row(goal, None, target, None, missing or "the bare-GEMM case not measured"))
+        else:
+            ratio = tri / ms["cublas"]
+            rows.append(_row(goal, f"{ratio:.2f}× the 3 GEMMs ({ratio / FLOOR_OVER_GEMMS:.2f}× floor)", target,
+                             ratio <= GOAL_OVER_FLOOR * FLOOR_OVER_GEMMS))
+        goal = f"linear_logprobs: no [N×V] buffer {where}"
+        peak = row.get("peak_extra_MiB", {}).get("triton")
+        if missing or peak is None:
+            rows.append(_row(goal, None, "peak extra < one bf16 [N×V]", None, missing or "no peak memory recorded"))
+        else:
+            limit = n * row["V"] * 2 / 2**20
+            rows.append(_row(goal, f"{peak:,.0f} MiB peak extra", f"< {limit:,.0f} MiB (bf16 [N×V])", peak < limit))
+
+    measured = {(r["B"], r["T"]): r for r in result["benchmarks"].get("jbond_loss", {}).get("results", [])
+                if "speedup_vs_reference" in r}
+    for b, t in GOAL_SHAPES["jbond_loss"]:
+        goal = f"J-BOND head fwd+bwd ≥ torch.compile of its reference [B={b} T={t}]"
+        speedup = measured.get((b, t), {}).get("speedup_vs_compiled")
+        if speedup is None:
+            rows.append(_row(goal, None, "≥ 1.00×", None, _why_missing(result, "jbond_loss", "the compiled case")))
+        else:
+            rows.append(_row(goal, f"{speedup:.2f}× faster", "≥ 1.00×", speedup >= 1.0))
+
+    measured = {r["preset"]: r for r in result["benchmarks"].get("ema", {}).get("results", []) if "preset" in r}
+    for preset in GOAL_SHAPES["ema"]:
+        row = measured.get(preset)
+        why = None if row else _why_missing(result, "ema", "the triton case")
+        goal = f"EMA ≥ {GOAL_EMA_OVER_COPY:.0%} of copy bandwidth [{preset}]"
+        rows.append(_row(goal, None, f"≥ {GOAL_EMA_OVER_COPY:.2f}", None, why) if why else
+                    _row(goal, f"{row['ratio_vs_copy']:.2f} of copy", f"≥ {GOAL_EMA_OVER_COPY:.2f}",
+                         row["ratio_vs_copy"] >= GOAL_EMA_OVER_COPY))
+        goal = f"EMA no slower than torch._foreach_lerp_ [{preset}]"
+        rows.append(_row(goal, None, "≥ 1.00×", None, why) if why else
+                    _row(goal, f"{row['ratio_vs_foreach_lerp']:.2f}× its GB/s", "≥ 1.00×",
+                         row["ratio_vs_foreach_lerp"] >= 1.0))
+    return rows
+
+
+def goal_table(rows: list[dict]) -> str:
+    lines = ["| goal | measured | target | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        verdict = f"skipped ({r['reason']})" if r["verdict"] == "skipped" else f"**{r['verdict']}**"
+        lines.append(f"| {r['goal']} | {r['measured'] or '—'} | {r['target']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def step_table(step: dict) -> str:
+    if not step.get("steps"):
+        return f"J-BOND step: {step.get('status', 'not run')}"
+    timed = step["steps"][-1]
+    model = step["model"]
+    title = (f"J-BOND step of a {model['parameters'] / 1e6:,.1f}M-parameter {model['architecture']} "
+             f"({step['prompts']} prompts × 3 samples, {step['new_tokens']} new tokens, {step['device']}), "
+             f"step {timed['step']} of {len(step['steps'])}:")
+    lines = [title, "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {phase} | {value:.3f} |" for phase, value in timed["phases_s"].items() if value is not None]
+    lines.append(f"| **whole step** | {timed['wall_s']:.3f} |")
+    peak = timed["peak_memory_GiB"]
+    lines.append(f"| peak GPU memory | {f'{peak} GiB' if peak is not None else 'skipped (no CUDA)'} |")
+    return "\n".join(lines)
+
+
+def package_table(packages: dict) -> str:
+    lines = ["| package | version | import |", "|---|---|---|"]
+    for dist, info in packages.items():
+        state = "skipped: not installed" if info["version"] is None else info["import"]
+        lines.append(f"| {dist} | {info['version'] or '—'} | {state} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# the command
+# --------------------------------------------------------------------------- #
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="CUDA tests, benchmarks and one J-BOND step on one GPU")
+    parser.add_argument("--dry-run", action="store_true", help="rehearse on CPU at tiny shapes")
+    parser.add_argument("--out", help="the result JSON (default: benchmarks/results/<gpu>-<date>.json; "
+                                      "a temporary path for --dry-run)")
+    parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)  # the probe's own subprocess
+    args = parser.parse_args(argv)
+    if args.env:
+        print(json.dumps(probe_environment()))
+        return 0
+
+    clock = Clock(float(os.environ.get("GPU_CHECK_T0") or time.time()))
+    deadline = BUDGET_S - REPORT_S
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks time compiled kernels, never the interpreter
+    if args.dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU rehearsal even on a GPU machine
+
+    clock.say("probing the environment")
+    probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--env"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    if probe.returncode != 0:
+        print(probe.stdout + probe.stderr, file=sys.stderr)
+        clock.say("the environment probe failed: is fastbond installed (pip install -e .)?")
+        return 1
+    envinfo = json.loads(probe.stdout.strip().splitlines()[-1])
+    cuda = envinfo["device"] != "cpu"
+    envinfo["cuda_available"] = cuda
+    if not cuda and not args.dry_run:
+        clock.say("no CUDA GPU is visible: run with --dry-run for the CPU rehearsal")
+        return 2
+    clock.say(f"device {envinfo['device']}, torch {envinfo['torch']}, triton {envinfo['triton']}, "
+              f"transformers {envinfo['transformers']}, CUDA {envinfo['cuda']}, commit {str(envinfo['commit'])[:10]}")
+
+    today = datetime.date.today().isoformat()
+    if args.out:  # relative to where gpu_check.sh was called from
+        out = (Path(os.environ.get("GPU_CHECK_CWD", ".")) / args.out).resolve()
+    elif args.dry_run:
+        out = Path(tempfile.mkdtemp(prefix="gpu-check-")) / f"dry-run-{today}.json"
+    else:
+        out = BENCH / "results" / f"{slug(envinfo['device'])}-{today}.json"
+    raw = out.with_suffix("")
+    raw.mkdir(parents=True, exist_ok=True)
+    clock.say(f"result: {out}; logs and raw files: {raw}/")
+
+    result = {"schema": SCHEMA, "dry_run": args.dry_run, "date": today, "budget_s": BUDGET_S, "env": envinfo,
+              "parts": {}, "tests": None, "benchmarks": {}, "step": {}, "goals": []}
+    plan = parts(raw, cuda)
+    clock.say("plan on one H100/H200: " + ", ".join(f"{p.name} ~{p.estimate_s} s" for p in plan)
+              + f"; {sum(p.estimate_s for p in plan)} s of the {BUDGET_S} s budget")
+    for index, part in enumerate(plan):
+        counts = None
+        reserve = sum(p.floor_s for p in plan[index + 1:])
+        timeout = min(part.cap_s, deadline - clock.elapsed() - reserve)
+        if timeout < part.floor_s:
+            record = {"status": "skipped: out of time", "seconds": 0, "timeout_s": 0, "command": part.command}
+            clock.say(f"{part.name}: skipped, {deadline - clock.elapsed():.0f} s left of the budget")
+        else:
+            for stale in part.files.values():  # a rerun must not report an earlier run's numbers
+                stale.unlink(missing_ok=True)
+            log = raw / f"{part.name.replace(':', '-')}.log"
+            clock.say(f"{part.name}: started (timeout {timeout:.0f} s, log {log.name})")
+            record = run_part(part, timeout, log, env)
+            counts = junit_counts(part.files["junit"]) if "junit" in part.files else None
+            if counts is not None:
+                record["counts"] = {k: v for k, v in counts.items() if k != "failed_ids"}
+            said = ", ".join(f"{v} {k}" for k, v in (record.get("counts") or {}).items() if v)
+            clock.say(f"{part.name}: {record['status']} in {record['seconds']:.0f} s" + (f" ({said})" if said else ""))
+            if record["status"] != "ok":
+                print(tail(log), flush=True)
+        result["parts"][part.name] = record
+        status = record["status"]
+        if part.name == "tests":
+            result["tests"] = counts
+        elif part.name.startswith("bench:"):
+            suite = part.name.split(":", 1)[1]
+            entry = {"status": status, "json": shown(part.files["json"]), "results": []}
+            if part.files["json"].is_file():
+                entry["results"] = summarize_suite(suite, json.loads(part.files["json"].read_text()))
+            result["benchmarks"][suite] = entry
+        elif part.name == "step":
+            step = {"status": status}
+            if part.files["json"].is_file():
+                step.update(json.loads(part.files["json"].read_text()))
+            result["step"] = step
+
+    result["goals"] = evaluate_goals(result)
+    result["wall_s"] = round(clock.elapsed(), 1)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+    print()
+    print(f"## GPU check: {envinfo['device']}, {today}" + (" (dry run: CPU, tiny shapes)" if args.dry_run else ""))
+    print()
+    print("| part | status | seconds |\n|---|---|---|")
+    for name, record in result["parts"].items():
+        print(f"| {name} | {record['status']} | {record['seconds']:.0f} |")
+    print()
+    print(package_table(envinfo["packages"]))
+    print()
+    print(goal_table(result["goals"]))
+    print()
+    print(step_table(result["step"]))
+    for suite in ("linear_logprobs", "jbond_linear"):
+        path = raw / f"bench-{suite}.json"
+        if path.is_file() and result["benchmarks"][suite]["results"]:
+            print(f"\n{suite} (python benchmarks/test_bench_{suite}.py {shown(path)}):")
+            print(_load(f"_bench_{suite}", BENCH / f"test_bench_{suite}.py").summarize(str(path)))
+    print()
+    clock.say(f"wrote {out} ({result['wall_s']:.0f} s of the {BUDGET_S} s budget)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
