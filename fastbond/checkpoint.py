@@ -9,7 +9,15 @@ It is written into a temporary sibling directory, flushed, and renamed into
 place in one `os.replace`; `checkpoints/latest` (a one-line file, replaced
 atomically too) then names it. A run killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written one that resume
-would pick up.
+would pick up. Checkpoints are ordered by their step number (never by name:
+`step-1000000` sorts before `step-999999` as text).
+
+A checkpoint damaged after it was written (a truncated or emptied file, a
+`state.json` without its keys) is found before anything loads from it
+(`damage`): every safetensors file's header must parse and its data must
+end exactly where the file does. Resuming from a damaged latest checkpoint
+is refused with the previous complete one named (`checkpoint.resume=previous`
+resumes from it and moves the damaged ones aside, into `checkpoints/damaged/`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -98,18 +107,43 @@ def save_checkpoint(
 ) -> Path:
     """Write `state` (tensors anywhere inside) and the policy atomically; returns the directory."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoints_dir / f"step-{step:06d}"
-    tmp = checkpoints_dir / f".tmp-step-{step:06d}-{os.getpid()}"
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "policy")
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = split_tensors(state, tensors)
-    save_file(tensors, str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
+    try:
+        tmp.mkdir()
+        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "policy")
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors(state, tensors)
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "state": skeleton}))
+    except BaseException:  # a full disk, a kill signal: leave no partial copy taking space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return publish(tmp, final, keep)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+_NAME = re.compile(r"step-(\d+)")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory's name holds, or None if it is not one."""
+    match = _NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The finished checkpoint directories, oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def publish(tmp: Path, final: Path, keep: int) -> Path:
@@ -125,7 +159,7 @@ def publish(tmp: Path, final: Path, keep: int) -> Path:
 
 
 def _prune(checkpoints_dir: Path, keep: int) -> None:
-    finished = sorted(p for p in checkpoints_dir.glob("step-*") if p.is_dir())
+    finished = list_checkpoints(checkpoints_dir)
     for old in finished[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoints_dir.glob(".tmp-step-*"):  # left by a killed save
@@ -133,6 +167,7 @@ def _prune(checkpoints_dir: Path, keep: int) -> None:
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint `latest` names (not checked for damage: see `resume_checkpoint`)."""
     pointer = checkpoints_dir / "latest"
     if not pointer.is_file():
         return None
@@ -142,8 +177,131 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return path
 
 
+# --------------------------------------------------------------------------- #
+# damage
+# --------------------------------------------------------------------------- #
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (empty, truncated, a bad header), or None.
+
+    Reads the header only: its tensors' byte ranges must end exactly at the
+    file's end. That finds every truncation; a flipped bit inside the data
+    is not looked for.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "is empty" if size == 0 else "is truncated (no header)"
+            length = int.from_bytes(head, "little")
+            if 8 + length > size:
+                return f"is truncated ({size} bytes, its header alone claims {8 + length})"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        return f"cannot be read ({error})"
+    if not isinstance(header, dict):
+        return "has a malformed header"
+    try:
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError):
+        return "has a malformed header"
+    if 8 + length + end != size:
+        return f"is truncated ({size} bytes, its header says {8 + length + end})"
+    return None
+
+
+def _state_damage(path: Path) -> str | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "is not readable JSON"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("state"), dict):
+        return "lacks its step or state"
+    return None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """The first damaged file of a checkpoint, as "FILE is truncated (…)", or None if it reads."""
+    state = checkpoint / "state.json"
+    if not state.is_file():
+        return "state.json is missing"
+    problem = _state_damage(state)
+    if problem:
+        return f"state.json {problem}"
+    if not (checkpoint / "policy" / "config.json").is_file():
+        return "policy/config.json is missing"
+    if not (checkpoint / "zero").is_dir() and not (checkpoint / "tensors.safetensors").is_file():
+        return "tensors.safetensors is missing"  # a one-process checkpoint's optimizer, anchor and RNG
+    weights = sorted(checkpoint.rglob("*.safetensors"))
+    if not any(p.parent == checkpoint / "policy" for p in weights):
+        return "policy/ has no safetensors weights"
+    for path in weights:
+        problem = safetensors_damage(path)
+        if problem:
+            return f"{path.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def model_dir_damage(model_dir: Path) -> str | None:
+    """The first damaged weights file of a transformers model directory, or None."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        problem = safetensors_damage(path)
+        if problem:
+            return f"{path} {problem}"
+    return None
+
+
+def resume_checkpoint(checkpoints_dir: Path, mode, say=print) -> Path:
+    """The checkpoint to resume from: the latest (mode true) or the newest complete one before it
+    (mode "previous"); refuses a damaged one with a one-line error that names the way out."""
+    latest = latest_checkpoint(checkpoints_dir)
+    if latest is None:
+        latest = (list_checkpoints(checkpoints_dir) or [None])[-1]
+    if latest is None:
+        raise FastbondError(f"checkpoint.resume={'true' if mode is True else mode} but {checkpoints_dir} "
+                            "holds no checkpoint")
+    older = [p for p in list_checkpoints(checkpoints_dir) if checkpoint_step(p) < checkpoint_step(latest)]
+    if mode != "previous":
+        problem = damage(latest)
+        if problem is None:
+            return latest
+        fallback = next((p for p in reversed(older) if damage(p) is None), None)
+        way_out = (f"resume from the previous complete checkpoint {fallback.name} with checkpoint.resume=previous"
+                   if fallback else "no earlier complete checkpoint exists: start over with --force")
+        raise FastbondError(f"the latest checkpoint {latest} is damaged: {problem}; {way_out}")
+    fallback = next((p for p in reversed(older) if damage(p) is None), None)
+    if fallback is None:
+        raise FastbondError(f"checkpoint.resume=previous: {checkpoints_dir} holds no complete checkpoint "
+                            f"older than {latest.name}")
+    aside = checkpoints_dir / "damaged"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for later in list_checkpoints(checkpoints_dir):
+        if checkpoint_step(later) > checkpoint_step(fallback):
+            os.replace(later, aside / later.name)
+            moved.append(later.name)
+    _write_text_atomic(checkpoints_dir / "latest", fallback.name + "\n")
+    say(f"resuming from {fallback.name}; moved {', '.join(moved)} aside to {aside} (not deleted)")
+    return fallback
+
+
+def checkpoint_config(checkpoint: Path) -> dict | None:
+    """The config a checkpoint's run had, if it recorded one."""
+    try:
+        meta = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = meta.get("state", {}).get("shared", {}).get("config")
+    return config if isinstance(config, dict) else None
+
+
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
     """(step, state) of a checkpoint written by `save_checkpoint`; the policy is in `path / "policy"`."""
+    problem = damage(path)
+    if problem:
+        raise FastbondError(f"checkpoint {path} is damaged: {problem}")
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "tensors.safetensors"))

@@ -33,6 +33,7 @@ examples:
   fastbond train run.yaml algorithm.beta=0.5 algorithm.eta=0.05 optim.lr=3e-6
   fastbond train algorithm.name=rloo algorithm.beta_rl=0.05   # another algorithm, from its own defaults
   fastbond train run.yaml checkpoint.resume=true  # continue from the run directory's latest checkpoint
+  fastbond train run.yaml --force                 # start over, deleting the run directory's earlier run
   deepspeed --num_gpus 8 --module fastbond train examples/gemma-7b-zero3.yaml   # DeepSpeed ZeRO over 8 GPUs
 
 config sections: model, reward, data, algorithm, optim, rollout, engine, logging, checkpoint, evaluation
@@ -64,11 +65,16 @@ def _run_train(argv: list[str]) -> int:
         "embedded default: a tiny causal LM, tokenizer, prompts and reward all built locally.",
         TRAIN_EPILOG,
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a run directory that holds an earlier run (checkpoint.overwrite=true)")
+    # Intermixed: `run.yaml --force steps=2` would otherwise leave steps=2 unrecognized.
+    args = parser.parse_intermixed_args(argv)
     from fastbond.config import load_config
     from fastbond.presets import embedded_preset
 
     path, overrides = _split_config_args(args)
+    if args.force:
+        overrides = [*overrides, "checkpoint.overwrite=true"]
     if path is None:
         path = embedded_preset()
     notes: list[str] = []

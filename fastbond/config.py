@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +34,20 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
 SHARDINGS = ("auto", "zero3", "replicated")
 GATHERS = ("auto", "full", "per_layer")
+# What transformers takes that fastbond supports; auto is fastbond's own (`models.attention_implementation`).
+ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The module each flash attention imports, and how to get it: without it, transformers fails deep
+# in model loading with a 40-line ImportError.
+FLASH_MODULES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "build FlashAttention-3 from flash-attention's hopper/ directory"),
+}
+# torch.manual_seed takes [-2**63, 2**64) but wraps a negative seed onto the top half, and
+# random.seed reads -s as s; below 2**63 a seed is also an int64, as torch stores it.
+# (combine_keys and PromptStream take any non-negative int.)
+SEED_LIMIT = 2**63
+# torch.set_num_threads overflows at 2**31, and 10**6 threads crash the process.
+MAX_CPU_THREADS = 1024
 
 
 @dataclass
@@ -85,7 +101,7 @@ class EngineConfig:
     offload_params: bool = False  # parameter shards in CPU memory (ZeRO-3)
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged over the generated config (it wins)
     reference_sharding: str = "auto"  # reference and reward models: zero3 | replicated; auto: zero3 at ZeRO-3
-    generation_gather: str = "auto"  # ZeRO-3 sampling: full (gather once per rollout) | per_layer; auto: full if it fits
+    generation_gather: str = "auto"  # ZeRO-3 sampling: full (one gather per rollout) | per_layer; auto: full if it fits
 
 
 @dataclass
@@ -101,7 +117,9 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 2  # checkpoints kept; older ones are removed once a newer one is complete
-    resume: bool = False  # continue from RUN_DIR/checkpoints/latest
+    # previous: for when the latest checkpoint is damaged (a crash or a full disk while it was written).
+    resume: bool | str = False  # true: resume from the latest checkpoint; previous: the newest complete one before it
+    overwrite: bool = False  # start over in a run directory holding an earlier run, deleting its outputs (--force)
 
 
 @dataclass
@@ -186,7 +204,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # Keys that moved, by their old dotted name: an old config gets a pointer instead of a guess.
 MOVED_KEYS = {
     "anchor": "config section 'anchor' has moved: anchor.eta is now algorithm.eta (J-BOND's anchor EMA rate)",
-    "algorithm.bonbon_alpha": "config key 'algorithm.bonbon_alpha' has moved: use algorithm.alpha (algorithm.name=bonbon)",
+    "algorithm.bonbon_alpha":
+        "config key 'algorithm.bonbon_alpha' has moved: use algorithm.alpha (algorithm.name=bonbon)",
 }
 
 
@@ -245,6 +264,72 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_STR_TAG, _BOOL_TAG, _MERGE_TAG = (f"tag:yaml.org,2002:{name}" for name in ("str", "bool", "merge"))
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, strict about keys. PyYAML keeps the last of a repeated key
+    without a word, so the value a reader finds first is not the one in effect; and it reads
+    `on:`, `yes:` or `1:` as a boolean or a number, which no config key is. Either is an error
+    naming the key, its section and (in a file) its lines."""
+
+    source = "config"  # what an error names first: the file, or the override
+    section = ""  # the dotted section the text is the value of ("" for a whole file)
+    lines = True  # name lines (a file's); an override is one line
+
+    def construct_document(self, node):
+        # A nested mapping is built after its parent's construct_mapping returns, so it cannot
+        # learn its section from there: every section is named here, before construction.
+        self.sections: dict[int, str] = {}
+        self._name_sections(node, self.section)
+        return super().construct_document(node)
+
+    def _name_sections(self, node: yaml.Node, name: str) -> None:
+        if not isinstance(node, yaml.CollectionNode) or id(node) in self.sections:
+            return  # a scalar, or a node met again through an alias
+        self.sections[id(node)] = name
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name_sections(item, f"{name}[{i}]")
+            return
+        for key, value in node.value:
+            if key.tag == _STR_TAG:
+                self._name_sections(value, f"{name}.{key.value}" if name else key.value)
+
+    def construct_mapping(self, node, deep=False):
+        section = self.sections.get(id(node), "")
+        place = f"in section {section}" if section else "at the top level"
+        first_lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if key.tag == _MERGE_TAG:
+                continue  # `<<: *defaults` merges a mapping in, whose keys this one may override
+            line = key.start_mark.line + 1
+            at = f" line {line}" if self.lines else ""
+            if key.tag == _BOOL_TAG:
+                value = str(self.construct_object(key)).lower()
+                raise FastbondError(f"{self.source}{at}: key '{key.value}' {place} was read by YAML as the boolean "
+                                    f"{value}; quote it ('{key.value}':) or use the key's real name")
+            if key.tag != _STR_TAG:
+                written = " ".join(self.buffer[key.start_mark.index:key.end_mark.index].split())
+                raise FastbondError(f"{self.source}{at}: key {written} {place} is not a name; "
+                                    "config keys are names (docs/config.md lists them)")
+            if key.value in first_lines:
+                lines = f" (lines {first_lines[key.value]} and {line})" if self.lines else ""
+                raise FastbondError(f"{self.source}: key '{key.value}' appears twice {place}{lines}; keep one")
+            first_lines[key.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, source: str, section: str = "") -> Any:
+    """`yaml.safe_load(text)` through `_ConfigLoader`; `source` and `section` name where the text came from."""
+    loader = _ConfigLoader(text)
+    loader.source, loader.section, loader.lines = source, section, not section
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -261,13 +346,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise FastbondError(f"override '{item}' must look like key=value (e.g. optim.lr=1e-5)")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = _load_yaml(text, f"override '{item}'", section=key) if text else ""
         except yaml.YAMLError:
             value = text
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -291,7 +377,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise FastbondError(f"config file {path} is not valid UTF-8 text") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = _load_yaml(text, f"config file {path}")
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -374,10 +460,29 @@ def _model_directory(key: str, value: str) -> None:
         )
 
 
+def _run_directory(value: str) -> None:
+    # The nearest path that exists decides: a file there and the run cannot make its directory.
+    # os.path, not pathlib: an unreadable parent is "not there" here, not a PermissionError.
+    for candidate in (value, *map(str, Path(value).parents)):
+        if os.path.exists(candidate):
+            require(os.path.isdir(candidate), f"config key 'run_dir': {candidate} is a file, not a directory")
+            return
+
+
+def _attention(value: str, check_environment: bool) -> None:
+    one_of("model.attn_implementation", value, ATTENTIONS)
+    if check_environment and value in FLASH_MODULES:
+        module, remedy = FLASH_MODULES[value]
+        require(importlib.util.find_spec(module) is not None,
+                f"config key 'model.attn_implementation': {value} needs the {module} module, which is not "
+                f"installed: {remedy}, or use sdpa or eager")
+
+
 def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
     """The engine section alone: stages, offload and the DeepSpeed override file."""
     one_of("engine.kind", engine.kind, ENGINES)
-    require(engine.zero_stage in (0, 1, 2, 3), f"config key 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
+    require(engine.zero_stage in (0, 1, 2, 3),
+            f"config key 'engine.zero_stage' must be 0, 1, 2 or 3, got {engine.zero_stage}")
     require(
         not engine.offload_params or engine.zero_stage == 3,
         f"config key 'engine.offload_params' needs engine.zero_stage=3, got {engine.zero_stage}",
@@ -395,7 +500,8 @@ def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
             ("zero_stage", engine.zero_stage), ("offload_optimizer", engine.offload_optimizer),
             ("offload_params", engine.offload_params), ("deepspeed_config", engine.deepspeed_config),
         ):
-            require(not value, f"config key 'engine.{key}' needs engine.kind=deepspeed (or auto under a deepspeed launch)")
+            require(not value,
+                    f"config key 'engine.{key}' needs engine.kind=deepspeed (or auto under a deepspeed launch)")
     if engine.deepspeed_config is not None:
         require(engine.deepspeed_config.endswith(".json"),
                 f"config key 'engine.deepspeed_config' must name a .json file, got '{engine.deepspeed_config}'")
@@ -423,15 +529,24 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     positive("reward.batch_size", config.reward.batch_size)
     positive("steps", config.steps)
-    at_least("cpu_threads", config.cpu_threads, 0)
+    require(0 <= config.seed < SEED_LIMIT, f"config key 'seed' must lie in [0, 2**63), got {config.seed}")
+    require(0 <= config.cpu_threads <= MAX_CPU_THREADS, f"config key 'cpu_threads' must lie in "
+            f"[0, {MAX_CPU_THREADS}] (0 keeps torch's default), got {config.cpu_threads}")
+    got = repr(config.run_dir) if config.run_dir else "an empty string"
+    require(config.run_dir.strip() != "", f"config key 'run_dir' must name a directory (got {got})")
     positive("logging.every", config.logging.every)
     at_least("checkpoint.every", config.checkpoint.every, 0)
     positive("checkpoint.keep", config.checkpoint.keep)
+    require(config.checkpoint.resume in (False, True, "previous"),
+            f"config key 'checkpoint.resume' must be one of false, true, previous; got {config.checkpoint.resume!r}")
+    require(not (config.checkpoint.overwrite and config.checkpoint.resume),
+            "checkpoint.overwrite=true (--force) starts over; it cannot be combined with checkpoint.resume")
 
     positive("evaluation.max_prompts", config.evaluation.max_prompts)
     positive("evaluation.policy_samples", config.evaluation.policy_samples)
     positive("evaluation.reference_samples", config.evaluation.reference_samples)
     one_of("model.dtype", config.model.dtype, DTYPE_NAMES)
+    _attention(config.model.attn_implementation, check_environment=check_paths)
     one_of("reward.kind", config.reward.kind, ("builtin", "callable", "model"))
     one_of("on_nonfinite", config.on_nonfinite, ("skip", "stop"))
     require(
@@ -440,6 +555,7 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     )
     validate_engine(config.engine, check_paths)
     if check_paths:
+        _run_directory(config.run_dir)
         _model_directory("model.policy", config.model.policy)
         if config.model.reference is not None:
             _model_directory("model.reference", config.model.reference)
@@ -448,4 +564,5 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
         if config.reward.kind == "model":
             _existing_path("reward.name", config.reward.name)
     if config.reward.kind == "callable":
-        require(":" in config.reward.name, f"config key 'reward.name' must look like module:function, got '{config.reward.name}'")
+        require(":" in config.reward.name,
+                f"config key 'reward.name' must look like module:function, got '{config.reward.name}'")

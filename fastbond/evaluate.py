@@ -100,18 +100,56 @@ def evaluate(
     return result
 
 
+def _number(value, width: int = 0) -> str:
+    """A result for the table; a value that is not a number (null in eval.json) reads "nan"."""
+    return f"{value:{width}.3f}" if isinstance(value, (int, float)) else f"{'nan':>{width}}"
+
+
 def format_evaluation(result: dict) -> str:
     """A small table for the terminal and the README."""
     lines = [
         f"prompts: {result['prompts']}",
-        f"policy (1 sample):  reward {result['policy_reward']:.3f} ± {result['policy_reward_stderr']:.3f}   "
-        f"KL(π‖π_ref) {result['kl_policy_ref']:.3f} nats   win rate vs π_ref {result['win_rate_vs_ref']:.3f}",
+        f"policy (1 sample):  reward {_number(result['policy_reward'])} ± {_number(result['policy_reward_stderr'])}   "
+        f"KL(π‖π_ref) {_number(result['kl_policy_ref'])} nats   "
+        f"win rate vs π_ref {_number(result['win_rate_vs_ref'])}",
         "Best-of-N of π_ref:",
         "  N    reward    KL bound (nats)",
     ]
     for n, row in result["bon"].items():
-        lines.append(f"  {n:<4} {row['reward']:8.3f}  {row['kl_bound']:8.3f}")
+        lines.append(f"  {n:<4} {_number(row['reward'], 8)}  {_number(row['kl_bound'], 8)}")
     return "\n".join(lines)
+
+
+def _without_nonfinite(value, key: str, found: list[str]):
+    """`value` with every NaN/Inf float replaced by None; their keys go to `found`."""
+    if isinstance(value, dict):
+        return {k: _without_nonfinite(v, f"{key}.{k}" if key else str(k), found) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(key)
+        return None
+    return value
+
+
+def write_evaluation(path, result: dict, on_nonfinite: str) -> dict:
+    """eval.json as strict JSON, written atomically. A result that is not a number (a reward that
+    returned NaN or Inf) becomes null and is named; under on_nonfinite=stop it is an error instead."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    found: list[str] = []
+    clean = _without_nonfinite(result, "", found)
+    if found:
+        what = (f"the evaluation's {', '.join(found)} {'is' if len(found) == 1 else 'are'} not a number "
+                "(the reward function returned NaN or Inf)")
+        if on_nonfinite == "stop":
+            raise FastbondError(f"{what}; {path.name} was not written (on_nonfinite=stop)")
+        print(f"warning: {what}; written as null in {path}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(clean, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+    return clean
 
 
 def evaluate_models(models, config, prompts: list[str]) -> dict:
@@ -127,9 +165,9 @@ def evaluate_models(models, config, prompts: list[str]) -> dict:
 
 def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = None) -> dict:
     """`fastbond eval RUN_DIR`: judge RUN_DIR/policy (or `policy_path`) as the run was configured."""
-    import json
     from pathlib import Path
 
+    from fastbond.checkpoint import model_dir_damage
     from fastbond.config import load_config
     from fastbond.data import resolve_prompts
     from fastbond.engines.local import load_models
@@ -143,12 +181,15 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     policy_dir = Path(policy_path) if policy_path else run_path / "policy"
     if not policy_dir.is_dir():
         raise FastbondError(f"policy directory not found: {policy_dir}")
+    problem = model_dir_damage(policy_dir)
+    if problem:
+        raise FastbondError(f"the policy to evaluate is damaged: {problem}; evaluate a checkpoint's policy instead "
+                            f"(fastbond eval {run_path} --policy {run_path}/checkpoints/step-…/policy)")
     device = resolve_device(config.device)
     prepare_process(config, device, config.seed)
     models = load_models(config, policy_dir, device)
     models.policy.eval()
     prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
-    result = evaluate_models(models, config, prompts)
-    (run_path / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    result = write_evaluation(run_path / EVAL_FILE, evaluate_models(models, config, prompts), config.on_nonfinite)
     print(format_evaluation(result))
     return result

@@ -1,9 +1,16 @@
-"""Where a run's metrics go: `metrics.jsonl` always, TensorBoard and wandb when asked."""
+"""Where a run's metrics go: `metrics.jsonl` always, TensorBoard and wandb when asked.
+
+`metrics.jsonl` is appended one line per record. A crash or a full disk can
+leave its last line torn: readers skip it, and a resume drops it together
+with the records past the checkpoint, rewriting the file atomically (a kill
+during the rewrite leaves the old file whole).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -41,11 +48,16 @@ class MetricsLog:
             self._wandb = wandb_module.init(project=wandb_project, config=config_dict, dir=str(run_dir))
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint: they will be written again."""
+        """On resume, drop records past the checkpoint (they will be written again) and a torn last line."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.path) if record["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": step}
@@ -70,4 +82,20 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, a damaged
+    line before it is an error naming the file and line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record")
+        except ValueError:
+            if number == len(lines):
+                break  # torn by a crash: the step it held will be logged again on resume
+            raise FastbondError(f"{path} line {number} is not a metrics record; fix or delete that line") from None
+        records.append(record)
+    return records

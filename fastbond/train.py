@@ -16,6 +16,12 @@ function raised, a model's forward failed, a reward had the wrong shape)
 leaves the run as it was after the previous step; in one process that state
 is saved as a checkpoint before the error is shown (`StepFailed`), so
 `checkpoint.resume=true` continues from it.
+
+Before any model loads, the run directory is claimed and locked
+(`fastbond.run_dir`), the checkpoint to resume from is checked for damage
+(`fastbond.checkpoint.resume_checkpoint`) and the config compared with the
+one it was saved under (`fastbond.resume`). docs/reliability.md says what
+survives which fault.
 """
 
 from __future__ import annotations
@@ -31,14 +37,23 @@ import yaml
 
 from fastbond.algorithms import make_algorithm
 from fastbond.algorithms.base import Algorithm, Context
-from fastbond.checkpoint import latest_checkpoint, rng_state, set_rng_state
-from fastbond.config import TrainConfig, to_dict
+from fastbond.checkpoint import (
+    checkpoint_config,
+    latest_checkpoint,
+    model_dir_damage,
+    resume_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from fastbond.config import EMBEDDED, TrainConfig, to_dict
 from fastbond.data import PromptStream, check_prompt_lengths, resolve_prompts
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
 from fastbond.metrics_log import MetricsLog, read_metrics
 from fastbond.process import prepare_process
+from fastbond.resume import check_resume, prompts_fingerprint
 from fastbond.rollout import KeyedNoise, Prompts, combine_keys, encode_prompts
+from fastbond.run_dir import RunDirLock, claim, disk_errors
 
 
 class PhaseTimer:
@@ -75,6 +90,8 @@ class Run:
     eval_prompts: list[str]
     step: int = 0  # the last completed step
     skipped: int = 0
+    lock: RunDirLock | None = None  # held by the main rank while the run writes run_dir
+    prompts: dict = field(default_factory=dict)  # fingerprint of the training prompts, saved with checkpoints
     # Set once a step's optimizer update begins: from then on the weights may have moved.
     updating: bool = field(default=False, repr=False)
 
@@ -82,10 +99,56 @@ class Run:
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def last_checkpoint(self) -> Path | None:
+        try:
+            return latest_checkpoint(self.checkpoints_dir)
+        except FastbondError:
+            return None
+
+    def writing(self, what: str):
+        """A write to the run directory: a full disk (or the like) is one line naming the way back."""
+        return disk_errors(what, self.run_dir, self.last_checkpoint)
+
 
 # --------------------------------------------------------------------------- #
 # set-up
 # --------------------------------------------------------------------------- #
+
+
+def _on_main(engine: Engine, action):
+    """`action()` on the main rank; if it raised a FastbondError there, every rank raises
+    (no rank is left waiting in a collective for one that stopped)."""
+    result, error = None, None
+    if engine.main:
+        try:
+            result = action()
+        except FastbondError as raised:
+            error = raised
+    if not engine.all_true(error is None):
+        raise error or FastbondError("stopped: the main rank refused the run (its error says why)")
+    return result
+
+
+def _say(engine: Engine):
+    return print if engine.main else (lambda message: None)
+
+
+def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: list[str]) -> Path | None:
+    """The checkpoint to continue from, checked for damage and for config changes it cannot carry."""
+    if not config.checkpoint.resume:
+        return None
+    checkpoints_dir = run_dir / "checkpoints"
+    # the main rank decides (and may move damaged checkpoints aside); the others then read `latest`
+    _on_main(engine, lambda: resume_checkpoint(checkpoints_dir, config.checkpoint.resume, say=print))
+    checkpoint = latest_checkpoint(checkpoints_dir)
+    saved = checkpoint_config(checkpoint)
+    if saved is None and (run_dir / "config.yaml").is_file():  # checkpoints of older versions
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    meta = json.loads((checkpoint / "state.json").read_text())
+    saved_prompts = meta["state"].get("shared", {}).get("prompts")
+    check_resume(checkpoint.name, saved, to_dict(config), saved_prompts, prompts_fingerprint(prompts),
+                 say=_say(engine))
+    return checkpoint
 
 
 def setup_run(config: TrainConfig) -> Run:
@@ -93,14 +156,27 @@ def setup_run(config: TrainConfig) -> Run:
     # Each rank its own random stream (rollout.sampler=torch draws from it); rank 0 the run's seed.
     prepare_process(config, engine.device, config.seed if engine.main else combine_keys(config.seed, engine.rank))
     run_dir = Path(config.run_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
-    if config.checkpoint.resume and checkpoint is None:
-        raise FastbondError(f"checkpoint.resume=true but {run_dir / 'checkpoints'} holds no checkpoint")
+    # everything that can be checked without the models, before they load
+    lock = _on_main(engine, lambda: claim(run_dir, bool(config.checkpoint.resume), config.checkpoint.overwrite))
+    try:
+        return _setup(config, engine, run_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:
+    if config.model.policy != EMBEDDED:
+        problem = model_dir_damage(Path(config.model.policy))
+        if problem:
+            raise FastbondError(f"config key 'model.policy': {problem}")
+    train_prompts = resolve_prompts(config.data.prompts, "train")
+    eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    checkpoint = _resume_point(config, engine, run_dir, train_prompts)
 
     algorithm = make_algorithm(config.algorithm)
     models = engine.build(config, algorithm.needs_anchor, checkpoint)
-    train_prompts = resolve_prompts(config.data.prompts, "train")
-    eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
     limit = config.data.max_prompt_tokens
     check_prompt_lengths(models.tokenizer, train_prompts, limit, f"data.prompts ({config.data.prompts})")
     check_prompt_lengths(models.tokenizer, eval_prompts, limit, f"data.eval_prompts ({config.data.eval_prompts})")
@@ -113,7 +189,8 @@ def setup_run(config: TrainConfig) -> Run:
     )
     # The prompt stream is the same on every rank; each takes its share of a batch.
     stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
-    run = Run(config, run_dir, engine, models, algorithm, ctx, stream, eval_prompts)
+    run = Run(config, run_dir, engine, models, algorithm, ctx, stream, eval_prompts, lock=lock,
+              prompts=prompts_fingerprint(train_prompts))
     if checkpoint is not None:
         restore(run, checkpoint)
     return run
@@ -126,9 +203,11 @@ def setup_run(config: TrainConfig) -> Run:
 
 def save(run: Run) -> Path:
     """A checkpoint of `run.step`: the engine's weights, optimizer and anchor, and the loop's state."""
-    shared = {"data": run.stream.state_dict(), "skipped": run.skipped}
+    shared = {"data": run.stream.state_dict(), "skipped": run.skipped,
+              "config": to_dict(run.config), "prompts": run.prompts}  # what a resume is checked against
     own = {"rng": rng_state(), "algorithm": run.algorithm.state_dict()}
-    return run.engine.save(run.checkpoints_dir, run.step, shared, own, keep=run.config.checkpoint.keep)
+    with run.writing(f"the checkpoint of step {run.step}"):
+        return run.engine.save(run.checkpoints_dir, run.step, shared, own, keep=run.config.checkpoint.keep)
 
 
 def restore(run: Run, checkpoint: Path) -> None:
@@ -245,12 +324,33 @@ def _progress(run: Run, total: int):
 def train(config: TrainConfig) -> Path:
     """Run training as configured; returns the run directory."""
     run = setup_run(config)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _write_config(run: Run) -> None:
+    """RUN_DIR/config.yaml: the run's job, read by `fastbond eval` and to resume. How this start
+    began (resume, overwrite) is not part of the job: written as off, so the file resumes as is."""
+    tree = to_dict(run.config)
+    tree["checkpoint"].update(resume=False, overwrite=False)
+    path = run.run_dir / "config.yaml"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    tmp.replace(path)
+
+
+def _train(run: Run) -> Path:
+    config = run.config
     log = None
     if run.engine.main:
-        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        log = MetricsLog(run.run_dir, to_dict(config), config.logging.tensorboard, config.logging.wandb,
-                         config.logging.wandb_project, resume_step=run.step if config.checkpoint.resume else None)
+        with run.writing("config.yaml and metrics.jsonl"):
+            _write_config(run)
+            log = MetricsLog(run.run_dir, to_dict(config), config.logging.tensorboard, config.logging.wandb,
+                             config.logging.wandb_project,
+                             resume_step=run.step if config.checkpoint.resume else None)
     timer = PhaseTimer(run.engine.device)
     bar = _progress(run, config.steps)
     try:
@@ -268,7 +368,8 @@ def train(config: TrainConfig) -> Path:
             if run.step % config.logging.every == 0 or run.step == config.steps:
                 record = run.engine.reduce_metrics(metrics)
                 if log is not None:
-                    record = log.write(run.step, record)
+                    with run.writing("metrics.jsonl"):
+                        record = log.write(run.step, record)
                 if bar is not None:
                     bar.set_postfix(reward=_fmt(record["reward"]), kl=_fmt(record.get("kl_ref")),
                                     samples_s=_fmt(record["samples_per_s"], 1))
@@ -282,7 +383,8 @@ def train(config: TrainConfig) -> Path:
             bar.close()
         if log is not None:
             log.close()
-    run.engine.export(run.run_dir / "policy")
+    with run.writing("the trained policy (policy/)"):
+        run.engine.export(run.run_dir / "policy")
     if run.engine.main:
         finish(run)
     return run.run_dir
@@ -290,15 +392,17 @@ def train(config: TrainConfig) -> Path:
 
 def finish(run: Run) -> None:
     """Evaluate against Best-of-N of π_ref and draw the report."""
-    from fastbond.evaluate import evaluate_models, format_evaluation
+    from fastbond.evaluate import EVAL_FILE, evaluate_models, format_evaluation, write_evaluation
     from fastbond.report import write_report
 
     evaluation = None
     if run.config.evaluation.at_end:
         models = run.engine.evaluation_models(run.run_dir / "policy")
-        evaluation = evaluate_models(models, run.config, run.eval_prompts)
-        (run.run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        with run.writing("eval.json"):
+            result = evaluate_models(models, run.config, run.eval_prompts)
+            evaluation = write_evaluation(run.run_dir / EVAL_FILE, result, run.config.on_nonfinite)
         print(format_evaluation(evaluation))
-    write_report(read_metrics(run.run_dir / "metrics.jsonl"), evaluation, run.run_dir / "report.png",
-                 title=f"{run.config.algorithm.name} on {run.config.model.policy}")
+    with run.writing("report.png"):
+        write_report(read_metrics(run.run_dir / "metrics.jsonl"), evaluation, run.run_dir / "report.png",
+                     title=f"{run.config.algorithm.name} on {run.config.model.policy}")
     print(f"run directory: {run.run_dir} (policy/, metrics.jsonl, report.png{', eval.json' if evaluation else ''})")

@@ -1,4 +1,4 @@
-"""Deliberate bugs in the algorithms, the anchor and the objectives, and the tests that catch them.
+"""Deliberate bugs in the algorithms, the anchor, the objectives and the fault handling, and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -17,8 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fastbond/test_train.py"]
+RELIABILITY = ["tests/fastbond/test_reliability.py"]
 
-# (file, the exact text, its replacement, what the bug means)
+# (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
     ("fastbond/algorithms/jbond.py", "best = best_of_n_index(anchor_rewards)",
      "best = 1 - best_of_n_index(anchor_rewards)", "J-BOND distils the worse anchor sample"),
@@ -58,18 +59,36 @@ MUTANTS = [
      "J-BOND's γ term has the sign printed in Algorithm 2 (pushes away from the anchor)"),
     ("kernels/jbond_loss.py", "    forward_term = -best_anchor_seq\n", "    forward_term = -best_anchor_seq.detach()\n",
      "J-BOND's forward term carries no gradient"),
+    # reliability (docs/reliability.md): each runs the fault tests
+    ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
+     "checkpoints are ordered by name", RELIABILITY),
+    ("fastbond/run_dir.py", "fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+     "a run directory is not locked", RELIABILITY),
+    ("fastbond/run_dir.py", "            if not overwrite:\n", "            if False:\n",
+     "a fresh run writes over an earlier run", RELIABILITY),
+    ("fastbond/checkpoint.py", "    for path in weights:\n        problem = safetensors_damage(path)",
+     "    for path in weights:\n        problem = None", "a truncated checkpoint is not noticed", RELIABILITY),
+    ("fastbond/metrics_log.py", "                break  # torn by a crash", "                raise  # torn by a crash",
+     "a torn metrics line stops the resume", RELIABILITY),
+    ("fastbond/resume.py", '    "algorithm.name": ', '    "algorithm.name_": ', "a resume may switch algorithms",
+     RELIABILITY),
+    ("fastbond/run_dir.py", "        if meaning is None:\n            raise", "        if True:\n            raise",
+     "a full disk is a traceback", RELIABILITY),
+    ("fastbond/evaluate.py", "        found.append(key)\n        return None",
+     "        found.append(key)\n        return value", "eval.json keeps a NaN result", RELIABILITY),
 ]
 
 
 def run(index: int) -> tuple[str | None, str]:
-    path, old, new, meaning = MUTANTS[index]
+    path, old, new, meaning, *tests = MUTANTS[index]
     file = ROOT / path
     source = file.read_text()
     if source.count(old) != 1:  # the source moved on: the mutant needs updating, and counts as a hole
         return None, f"{meaning} (NOT APPLIED: its text occurs {source.count(old)} times in {path})"
     file.write_text(source.replace(old, new))
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               *(tests[0] if tests else TESTS)],
                               cwd=ROOT, capture_output=True, text=True)
     finally:
         file.write_text(source)

@@ -93,6 +93,11 @@ def reward_module(tmp_path, monkeypatch):
         (["data.eval_prompts=/nope.jsonl"], ["'data.eval_prompts': path not found: /nope.jsonl"]),
         (["reward.kind=model", "reward.name=/nope"], ["'reward.name': path not found: /nope"]),
         (["on_nonfinite=ignore"], ["'on_nonfinite' must be one of skip, stop"]),
+        (["seed=-1"], ["config key 'seed' must lie in [0, 2**63), got -1"]),
+        (["cpu_threads=100000"], ["config key 'cpu_threads' must lie in [0, 1024]", "got 100000"]),
+        (["run_dir="], ["config key 'run_dir' must name a directory (got an empty string)"]),
+        (["model.attn_implementation=flash"], ["'model.attn_implementation' must be one of auto, eager, sdpa"]),
+        (["checkpoint.resume=latest"], ["'checkpoint.resume' must be one of false, true, previous; got 'latest'"]),
     ],
 )
 def test_config_mistakes_in_overrides(capsys, tmp_path, overrides, fragments):
@@ -115,6 +120,10 @@ def test_config_mistakes_in_overrides(capsys, tmp_path, overrides, fragments):
         ("data:\n  prompts: /nope.jsonl\n", ["'data.prompts': path not found: /nope.jsonl"]),
         ("steps: 2\nalgorithm:\n  beta: [0.5\n", ["run.yaml line 4 is not valid YAML"]),
         ("- steps\n", ["run.yaml must hold a mapping at the top level"]),
+        ("steps: 2\noptim:\n  lr: 1.0e-5\n  lr: 3.0e-6\n",
+         ["run.yaml: key 'lr' appears twice in section optim (lines 3 and 4); keep one"]),
+        ("logging:\n  on: true\n", ["run.yaml line 2: key 'on' in section logging was read by YAML as the boolean"]),
+        ("1: 2\n", ["run.yaml line 1: key 1 at the top level is not a name"]),
     ],
 )
 def test_config_mistakes_in_the_yaml_file(capsys, tmp_path, text, fragments):
@@ -122,6 +131,24 @@ def test_config_mistakes_in_the_yaml_file(capsys, tmp_path, text, fragments):
     path.write_text(text)
     status, err = run_train(capsys, [str(path)] + tiny(tmp_path))
     assert_one_line_error(status, err, *fragments)
+
+
+def test_force_sets_checkpoint_overwrite_wherever_it_stands(capsys, tmp_path):
+    """--force (checkpoint.overwrite=true) with checkpoint.resume: refused before anything loads."""
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 2\n")
+    status, err = run_train(capsys, [str(path), "--force", *tiny(tmp_path), "checkpoint.resume=true"])
+    assert_one_line_error(status, err, "checkpoint.overwrite=true (--force) starts over; "
+                                       "it cannot be combined with checkpoint.resume")
+    status, err = run_train(capsys, ["checkpoint.resume=previous", "--force"])
+    assert_one_line_error(status, err, "checkpoint.overwrite=true (--force) starts over")
+
+
+def test_run_dir_inside_a_file(capsys, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    status, err = run_train(capsys, tiny(tmp_path) + [f"run_dir={taken}/run"])
+    assert_one_line_error(status, err, f"config key 'run_dir': {taken} is a file, not a directory")
 
 
 def test_yaml_file_that_is_not_utf8(capsys, tmp_path):

@@ -48,7 +48,8 @@ def test_integer_accepted_for_float_but_not_the_reverse():
         (["algorithm.beta=-0.1"], "'algorithm.beta' must lie in [0, 1]"),
         (["algorithm.eta=2"], "'algorithm.eta' must lie in [0, 1], got 2.0"),
         (["anchor.eta=0.1"], "config section 'anchor' has moved: anchor.eta is now algorithm.eta"),
-        (["algorithm.name=bonbon", "algorithm.bonbon_alpha=0.1"], "'algorithm.bonbon_alpha' has moved: use algorithm.alpha"),
+        (["algorithm.name=bonbon", "algorithm.bonbon_alpha=0.1"],
+         "'algorithm.bonbon_alpha' has moved: use algorithm.alpha"),
         (["algorithm.name=rloo", "algorithm.gamma=2"],
          "config key 'algorithm.gamma' is not used by algorithm rloo (it is jbond's); rloo takes: beta_rl"),
         (["algorithm.name=vbon", "algorithm.beta=0.5"], "'algorithm.beta' is not used by algorithm vbon"),
@@ -133,3 +134,122 @@ def test_the_config_reference_is_current():
     done = subprocess.run([sys.executable, "tools/config_reference.py", "--check"], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------
+# odd YAML keys, ranges torch overflows on, run_dir, attention, resume/overwrite
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("steps: 2\nseed: 1\nsteps: 3\n", "key 'steps' appears twice at the top level (lines 1 and 3); keep one"),
+        ("optim:\n  lr: 1.0e-5\n  warmup_steps: 0\n  lr: 2.0e-5\n",
+         "key 'lr' appears twice in section optim (lines 2 and 4); keep one"),
+        ("1: 2\n", "line 1: key 1 at the top level is not a name"),
+        ("steps: 2\nnull: x\n", "line 2: key null at the top level is not a name"),
+        ("[a]: b\n", "line 1: key [a] at the top level is not a name"),
+        ("logging:\n  on: true\n", "line 2: key 'on' in section logging was read by YAML as the boolean true; "
+                                   "quote it ('on':) or use the key's real name"),
+        ("yes: 1\n", "key 'yes' at the top level was read by YAML as the boolean true"),
+        ("algorithm:\n  off: 1\n", "key 'off' in section algorithm was read by YAML as the boolean false"),
+    ],
+)
+def test_odd_keys_in_a_yaml_file_name_the_key_and_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(FastbondError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"config file {path}")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_key_overriding_a_yaml_merge_is_not_a_duplicate(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  <<: {lr: 1.0e-5, warmup_steps: 5}\n  lr: 2.0e-5\n")
+    config = load_config(path)
+    assert config.optim.lr == 2e-5 and config.optim.warmup_steps == 5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim={1: 2}", "override 'optim={1: 2}': key 1 in section optim is not a name"),
+        ("logging={on: 1}", "override 'logging={on: 1}': key 'on' in section logging was read by YAML as the "
+                            "boolean true"),
+        ("optim={lr: 1, lr: 2}", "override 'optim={lr: 1, lr: 2}': key 'lr' appears twice in section optim; keep one"),
+    ],
+)
+def test_odd_keys_in_an_override_value(override, message):
+    with pytest.raises(FastbondError) as error:
+        load_config(None, [override])
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["seed=-1"], "config key 'seed' must lie in [0, 2**63), got -1"),
+        ([f"seed={2**63}"], f"config key 'seed' must lie in [0, 2**63), got {2**63}"),
+        (["cpu_threads=-1"], "config key 'cpu_threads' must lie in [0, 1024] (0 keeps torch's default), got -1"),
+        (["cpu_threads=1025"], "config key 'cpu_threads' must lie in [0, 1024]"),
+        (["run_dir="], "config key 'run_dir' must name a directory (got an empty string)"),
+        (["run_dir='  '"], "config key 'run_dir' must name a directory (got '  ')"),
+        (["model.attn_implementation=flash"],
+         "config key 'model.attn_implementation' must be one of auto, eager, sdpa, flash_attention_2, "
+         "flash_attention_3, flex_attention; got 'flash'"),
+        (["checkpoint.resume=latest"],
+         "config key 'checkpoint.resume' must be one of false, true, previous; got 'latest'"),
+        (["checkpoint.resume=previous", "checkpoint.overwrite=true"],
+         "checkpoint.overwrite=true (--force) starts over; it cannot be combined with checkpoint.resume"),
+        (["checkpoint.resume=true", "checkpoint.overwrite=true"], "checkpoint.overwrite=true (--force) starts over"),
+    ],
+)
+def test_ranges_and_choices_of_run_keys(overrides, message):
+    with pytest.raises(FastbondError) as error:
+        load_config(None, overrides)
+    assert str(error.value).startswith(message)
+
+
+def test_largest_seed_and_thread_count_and_new_checkpoint_keys_are_accepted():
+    config = load_config(None, [f"seed={2**63 - 1}", "cpu_threads=1024", "checkpoint.resume=previous"])
+    assert config.seed == 2**63 - 1 and config.cpu_threads == 1024 and config.checkpoint.resume == "previous"
+    assert load_config(None, ["checkpoint.overwrite=true"]).checkpoint.overwrite is True
+    assert load_config(None).checkpoint.resume is False and load_config(None).checkpoint.overwrite is False
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_run_dir_that_is_a_file(tmp_path, inside):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory\n")
+    run_dir = taken / "run" / "one" if inside else taken
+    with pytest.raises(FastbondError) as error:
+        load_config(None, [f"run_dir={run_dir}"])
+    assert str(error.value) == f"config key 'run_dir': {taken} is a file, not a directory"
+    # `fastbond plan` on another machine checks no paths
+    assert load_config(None, [f"run_dir={run_dir}"], check_paths=False).run_dir == str(run_dir)
+    assert load_config(None, [f"run_dir={tmp_path / 'new' / 'run'}"]).run_dir == str(tmp_path / "new" / "run")
+
+
+@pytest.mark.parametrize(
+    "value, module, remedy",
+    [
+        ("flash_attention_2", "flash_attn", "pip install flash-attn"),
+        ("flash_attention_3", "flash_attn_interface", "build FlashAttention-3"),
+    ],
+)
+def test_flash_attention_without_its_package(monkeypatch, value, module, remedy):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(FastbondError) as error:
+        load_config(None, [f"model.attn_implementation={value}"])
+    message = str(error.value)
+    assert message.startswith(f"config key 'model.attn_implementation': {value} needs the {module} module")
+    assert remedy in message and message.endswith("or use sdpa or eager") and "\n" not in message
+    override = [f"model.attn_implementation={value}"]
+    # a config only read (check_paths=False, `fastbond plan`) does not ask; installed, it is accepted
+    assert load_config(None, override, check_paths=False).model.attn_implementation == value
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == module else real(name, *a))
+    assert load_config(None, override).model.attn_implementation == value

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastbond.checkpoint import join_tensors, publish, split_tensors
+from fastbond.checkpoint import checkpoint_name, join_tensors, publish, split_tensors
 from fastbond.engines.base import Engine, Models
 from fastbond.engines.deepspeed import zero
 from fastbond.engines.deepspeed.config import build_deepspeed_config
@@ -149,8 +149,8 @@ class DeepSpeedEngine(Engine):
 
     def save(self, checkpoints_dir: Path, step: int, shared: dict, own: dict, keep: int) -> Path:
         """Collective: every rank writes its part; returns the checkpoint directory."""
-        final = checkpoints_dir / f"step-{step:06d}"
-        tmp = checkpoints_dir / f".tmp-step-{step:06d}"
+        final = checkpoints_dir / checkpoint_name(step)
+        tmp = checkpoints_dir / f".tmp-{final.name}"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
