@@ -308,6 +308,19 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def test_a_read_only_file_system_is_refused_before_the_models_load(capsys, small_disk, embedded_reference,
+                                                                    monkeypatch):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    from fastbond.engines import local
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(local, "load_models", no_models)
+    status, _, err = train_cli(capsys, small_disk / "run", "steps=1")
+    one_line_error(status, err, "cannot be written", "Read-only file system")
+
+
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(capsys, small_disk, embedded_reference):
     run_dir = small_disk / "run"
     status, _, err = train_cli(capsys, run_dir, "steps=40", "checkpoint.every=1", "checkpoint.keep=40")
