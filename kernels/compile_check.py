@@ -1,8 +1,7 @@
 """Compile every CUDA launch of the fused ops for sm_80 and sm_90, without a GPU.
 
     python -m fastbond.kernels.compile_check            # the representative subset (CI)
-    python -m fastbond.kernels.compile_check --full     # every launch the dispatch can make
-    python -m fastbond.kernels.compile_check --full --json table.json --jobs 2
+    python -m fastbond.kernels.compile_check --full --record   # every launch; updates the record
 
 Triton compiles a `@triton.jit` function for any GPU target on a machine
 without one (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`),
@@ -24,6 +23,14 @@ launch passes when it
 Also checked: every boolean compile-time flag of every kernel is compiled
 both ways, and every compile-time parameter has a value (a kernel parameter
 added without a launch for it fails here).
+
+The full matrix (1,312 launches) takes about 25 minutes on 2 cores, too long for every CI
+run, and a flag combination outside the subset can spill where the subset's
+does not. So the last full run is recorded in `benchmarks/results/
+compile-check.json` with a fingerprint of every launch and of the kernels'
+source; CI recomputes the fingerprint, and a change to a kernel, a flag or a
+tile list that was not followed by a clean full run (`--full --record`)
+fails the suite.
 """
 
 from __future__ import annotations
@@ -38,10 +45,13 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from fastbond.kernels.tuning import ARCHS, SHARED_MEMORY_PER_BLOCK, Launch
 
+RECORD = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile-check.json"
 # Flags only the CPU interpreter sets: a CUDA launch always has them False.
 CPU_ONLY_FLAGS = frozenset({"INTERPRETED"})
 # Every module with a Triton kernel; each lists its launches in `cuda_launches(arch)`.
@@ -86,6 +96,18 @@ def all_launches(arch: int) -> list[Launch]:
     for name in KERNEL_MODULES:
         launches.extend(importlib.import_module(name).cuda_launches(arch))
     return launches
+
+
+def fingerprint(archs=ARCHS) -> str:
+    """A hash of every launch of the full matrix and of the source of every kernel it compiles."""
+    digest = hashlib.sha256()
+    for arch in archs:
+        for launch in all_launches(arch):
+            digest.update(repr((arch, launch.name, launch.label, sorted(launch.signature.items()),
+                                sorted((k, str(v)) for k, v in launch.constexprs.items()), launch.num_warps,
+                                launch.num_stages, sorted(launch.aligned))).encode())
+            digest.update(launch.kernel.cache_key.encode())  # the kernel's source and what it calls
+    return digest.hexdigest()
 
 
 def coverage_problems(launches: list[Launch]) -> list[str]:
@@ -133,12 +155,20 @@ def compile_one(launch: Launch, arch: int) -> Compiled:
     signature.update({p: "constexpr" for p in launch.constexprs})
     source = ASTSource(fn=launch.kernel, signature=signature, constexprs=launch.constexprs, attrs=attrs)
     log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
     try:
-        knobs.nvidia.dump_ptxas_log = True
-        knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        for attempt in range(3):
+            try:
+                with contextlib.redirect_stdout(log):
+                    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                              options={"num_warps": launch.num_warps,
+                                                       "num_stages": launch.num_stages})
+                break
+            except BlockingIOError:  # EAGAIN starting ptxas on a loaded machine: not the kernel's fault
+                if attempt == 2:
+                    raise
+                time.sleep(2.0)
     except Exception as error:  # noqa: BLE001 - any compiler failure is a finding
         result.error = " ".join(str(error).split())[:300]
         result.seconds = time.perf_counter() - start
@@ -191,6 +221,26 @@ def run(archs=ARCHS, full: bool = False, jobs: int = 1, progress=None) -> tuple[
     return results, problems
 
 
+def write_record(results: list[Compiled]) -> None:
+    """The full run's summary for CI: fingerprint, versions, and per kernel, arch and tiles the worst case."""
+    import triton
+
+    worst: dict[str, dict] = {}
+    for r in results:
+        operands_and_tiles = " ".join(r.label.split(" ")[:4]) if r.kernel.startswith("_linear") else ""
+        key = f"{r.kernel} sm_{r.arch} {operands_and_tiles}".strip()
+        row = worst.setdefault(key, {"launches": 0, "max_registers": 0, "max_spill_bytes": 0, "max_shared": 0})
+        row["launches"] += 1
+        row["max_registers"] = max(row["max_registers"], r.registers)
+        row["max_spill_bytes"] = max(row["max_spill_bytes"], r.spill_bytes)
+        row["max_shared"] = max(row["max_shared"], r.shared)
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps({
+        "fingerprint": fingerprint(), "triton": triton.__version__, "launches": len(results),
+        "date": time.strftime("%Y-%m-%d"), "worst_case": dict(sorted(worst.items())),
+    }, indent=1) + "\n")
+
+
 def table(results: list[Compiled]) -> str:
     """A markdown table, one row per compiled launch."""
     lines = ["| kernel | configuration | arch | shared B | registers | spills B | tensor cores | vector loads |",
@@ -213,7 +263,15 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--table", action="store_true", help="print the markdown table")
+    parser.add_argument("--record", action="store_true",
+                        help=f"with --full and no problems: write the record CI checks against ({RECORD.name})")
+    parser.add_argument("--fingerprint", action="store_true", help="print the launches' fingerprint and exit")
     args = parser.parse_args(argv)
+    if args.fingerprint:
+        print(fingerprint())
+        return 0
+    if args.record and not (args.full and set(args.arch) == set(ARCHS)):
+        parser.error("--record needs --full over every architecture")
 
     def progress(result: Compiled, done: int, total: int):
         status = "ok" if not result.problems() else "PROBLEM"
@@ -227,6 +285,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"results": [asdict(r) for r in results], "problems": problems}, f, indent=1)
+    if args.record and not problems:
+        write_record(results)
+        print(f"recorded in {RECORD}")
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     print(f"{len(results)} launches compiled, {len(problems)} problems")

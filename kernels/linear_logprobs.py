@@ -468,7 +468,8 @@ if triton is not None:
     _AUTOTUNE_KEY = ["H", "HAS_BIAS", "SOFTCAP", "INPUT_PRECISION", "arch"]
     _fwd_tuned = tuning.autotuned(_fwd_kernel, tuning.LINEAR_FORWARD_TILES, key=["V", "ENTROPY"] + _AUTOTUNE_KEY,
                                   operand_of=lambda args: args["x_ptr"])
-    _dlogits_tuned = tuning.autotuned(_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, key=["v_hi"] + _AUTOTUNE_KEY,
+    # never N or anything sized from it (the dz chunk is): N changes every step
+    _dlogits_tuned = tuning.autotuned(_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, key=_AUTOTUNE_KEY,
                                       operand_of=lambda args: args["x_ptr"])
 
 

@@ -4,7 +4,7 @@ The check runs in a subprocess: this test session has TRITON_INTERPRET=1
 (tests/conftest.py), under which `@triton.jit` functions cannot be compiled
 for a GPU. CI compiles the representative subset (about two minutes on two
 cores); `FASTBOND_COMPILE_CHECK=full` compiles every launch the dispatch can
-make (about 40 minutes on two cores).
+make (about 25 minutes on two cores).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fastbond.kernels.tuning import ARCHS, Launch
 triton = pytest.importorskip("triton")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 FULL = os.environ.get("FASTBOND_COMPILE_CHECK") == "full"
+FULL_COMMAND = "python -m fastbond.kernels.compile_check --full --record (about 25 minutes on 2 cores)"
 KERNELS = {"_linear_logprobs_fwd_kernel", "_linear_logprobs_dlogits_kernel", "_jbond_fwd_kernel",
            "_jbond_bwd_kernel", "_ema_kernel"}
 
@@ -44,6 +45,22 @@ def test_every_cuda_launch_compiles_fits_and_spills_nothing(tmp_path):
     for r in report["results"]:
         if r["kernel"].startswith("_linear"):
             assert r["tensor_cores"], r
+
+
+def test_the_recorded_full_run_matches_the_kernels_and_their_launches():
+    """Every kernel, flag and tile list as it is now was compiled cleanly by a full run (`--full --record`)."""
+    from fastbond.kernels.compile_check import RECORD
+
+    assert RECORD.exists(), f"no record of a full compile check: run {FULL_COMMAND}"
+    record = json.loads(RECORD.read_text())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastbond.kernels.compile_check", "--fingerprint"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == record["fingerprint"], (
+        f"the kernels or their launches changed since the last full compile check: run {FULL_COMMAND}")
+    for key, row in record["worst_case"].items():
+        assert row["max_spill_bytes"] == 0, key
 
 
 # ----------------------------------------------------------------------------

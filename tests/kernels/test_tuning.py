@@ -66,6 +66,72 @@ def test_every_candidate_matches_the_oracle(tiles):
         assert_within(f"grad_{name}", got.float(), truth_grads[name].double(), want, torch.bfloat16)
 
 
+class _FakeProps:
+    major, minor, multi_processor_count = 9, 0, 132
+    shared_memory_per_block_optin = tuning.SHARED_MEMORY_PER_BLOCK[90]
+
+
+@needs_interpreter
+def test_the_autotuned_launch_prunes_to_the_family_and_picks_the_fastest(monkeypatch):
+    """The CUDA launch path (autotuner, pruning, grid from the chosen tiles), run by the interpreter.
+
+    Timings are made up (the interpreter has no clock worth reading): the
+    last candidate of the family is declared fastest, and the result must
+    be that candidate's, correct, and tuned once per key.
+    """
+    family = tuning.candidates(tuning.LINEAR_FORWARD_TILES, 90, "16-bit")
+    timed = []
+
+    def fake_bench(call, quantiles):
+        call()  # a candidate must run (and be idempotent) before it can be chosen
+        timed.append(len(timed))
+        rank = len(timed) - 1
+        return [float(len(family) - rank)] * 3  # later candidates are faster
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _FakeProps())
+    tuned = tuning.autotuned(op._fwd_kernel, tuning.LINEAR_FORWARD_TILES, key=["V", "ENTROPY"] + op._AUTOTUNE_KEY,
+                             operand_of=lambda args: args["x_ptr"], do_bench=fake_bench)
+    monkeypatch.setattr(op, "_fwd_tuned", tuned)
+    monkeypatch.setattr(op, "_launch_options", lambda tiles, device: {})  # the CUDA path: let the tuner choose
+
+    case = make_case(n=70, h=72, v=300, dtype=torch.bfloat16)
+    opts = op._Options(temperature=1.0, softcap=None, ignore_index=-100, entropy=True, backend="triton",
+                       chunk_size=None)
+    valid = case["targets"] != -100
+    args = (case["hidden"], case["weight"], None, case["targets"], valid, opts)
+    logp, ent, _ = op._triton_forward(*args)
+    assert len(timed) == len(family)  # pruned to sm_90's 16-bit candidates: none from other lists
+    best = tuned.cache[next(iter(tuned.cache))]
+    assert (best.kwargs["BLOCK_N"], best.kwargs["BLOCK_V"], best.kwargs["BLOCK_H"], best.num_warps,
+            best.num_stages) == tuple(vars(family[-1]).values())
+    want_logp, want_ent, _ = op._chunked_forward(*args)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+
+    op._triton_forward(*args)  # same key (N differs or not): no second tuning
+    short = make_case(n=33, h=72, v=300, dtype=torch.bfloat16)
+    op._triton_forward(short["hidden"], short["weight"], None, short["targets"], short["targets"] != -100, opts)
+    assert len(timed) == len(family)
+
+    monkeypatch.setenv("FASTBOND_AUTOTUNE", "0")
+    untuned = tuning.autotuned(op._fwd_kernel, tuning.LINEAR_FORWARD_TILES, key=["V"] + op._AUTOTUNE_KEY,
+                               operand_of=lambda args: args["x_ptr"], do_bench=fake_bench)
+    monkeypatch.setattr(op, "_fwd_tuned", untuned)
+    op._triton_forward(*args)
+    assert len(timed) == len(family)  # one candidate left: nothing timed, the list's first entry runs
+    first = untuned.cache[next(iter(untuned.cache))]
+    assert first.kwargs["BLOCK_N"] == family[0].block_n and first.num_warps == family[0].num_warps
+
+
+@needs_interpreter
+def test_autotune_keys_hold_no_size_that_changes_with_the_number_of_tokens():
+    """N (and the dz chunk, sized from N) changes every step: a key holding it would re-tune every step."""
+    allowed = {"H", "V", "HAS_BIAS", "SOFTCAP", "ENTROPY", "INPUT_PRECISION", "arch"}
+    for tuned in (op._fwd_tuned, op._dlogits_tuned):
+        assert set(tuned.keys) <= allowed, tuned.keys
+        assert {"H", "arch", "INPUT_PRECISION"} <= set(tuned.keys)
+
+
 # ----------------------------------------------------------------------------
 # program order: the LM head is read about once per group
 # ----------------------------------------------------------------------------
