@@ -43,7 +43,9 @@ import json
 import os
 import re
 import sys
+import textwrap
 import time
+import tokenize
 from concurrent.futures import ProcessPoolExecutor
 import hashlib
 from dataclasses import asdict, dataclass
@@ -98,15 +100,36 @@ def all_launches(arch: int) -> list[Launch]:
     return launches
 
 
+def kernel_code(kernel, seen: set | None = None) -> str:
+    """The tokens of a kernel's source and of every @triton.jit function it calls, without comments
+    or layout: what decides the compiled code, not where it sits in its file or how it is commented."""
+    from triton.runtime.jit import JITFunction
+
+    seen = set() if seen is None else seen
+    if kernel.__name__ in seen:
+        return ""
+    seen.add(kernel.__name__)
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT}
+    tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(textwrap.dedent(kernel.src)).readline)
+              if t.type not in skip]
+    code = " ".join(tokens)
+    for name in sorted(set(tokens)):
+        called = kernel.__globals__.get(name)
+        if isinstance(called, JITFunction):
+            code += "\n" + kernel_code(called, seen)
+    return code
+
+
 def fingerprint(archs=ARCHS) -> str:
-    """A hash of every launch of the full matrix and of the source of every kernel it compiles."""
+    """A hash of every launch of the full matrix and of the code of every kernel it compiles."""
     digest = hashlib.sha256()
     for arch in archs:
         for launch in all_launches(arch):
             digest.update(repr((arch, launch.name, launch.label, sorted(launch.signature.items()),
                                 sorted((k, str(v)) for k, v in launch.constexprs.items()), launch.num_warps,
                                 launch.num_stages, sorted(launch.aligned))).encode())
-            digest.update(launch.kernel.cache_key.encode())  # the kernel's source and what it calls
+    for kernel in {launch.name: launch.kernel for launch in all_launches(archs[0])}.values():
+        digest.update(kernel_code(kernel).encode())
     return digest.hexdigest()
 
 
