@@ -26,6 +26,12 @@ def _run_lab(argv: list[str]) -> int:
     return lab_experiments.main(argv) or 0
 
 
+def _run_frontier(argv: list[str]) -> int:
+    from fastbond.frontier.command import main as frontier_main
+
+    return frontier_main(argv)
+
+
 TRAIN_EPILOG = """\
 examples:
   fastbond train                                  # the embedded default: a tiny LM, built locally, ~minutes on CPU
@@ -149,6 +155,10 @@ COMMANDS = {
     "train": ("train a policy (J-BOND, BOND-N, iterative BOND, vBoN, BoNBoN, REINFORCE)", _run_train),
     "eval": ("judge a policy against Best-of-N sampling from π_ref", _run_eval),
     "plan": ("per-rank memory of a config on K GPUs (ZeRO stage, offload), without loading models", _run_plan),
+    "frontier": (
+        "the reward/KL frontier: a grid of runs (J-BOND, REINFORCE, BOND-N, vBoN, BoNBoN) against Best-of-N",
+        _run_frontier,
+    ),
     "lab": (
         "exact Best-of-N lab: verify the theory and reproduce the BOND paper's figures 2 and 4",
         _run_lab,

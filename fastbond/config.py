@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,18 @@ class EvalConfig:
 
 
 @dataclass
+class FrontierConfig:
+    """`fastbond frontier`: runs of this config that differ by the overrides named here, each
+    judged along its way against Best-of-N of π_ref (held-out prompts: evaluation.max_prompts).
+    `fastbond train` ignores this section."""
+
+    runs: dict[str, list[str]] = field(default_factory=dict)  # run name → overrides, e.g. rloo: [algorithm.name=rloo]
+    points: int = 4  # evaluations along each run after step 0, at equal step intervals, the last at `steps`
+    policy_samples: int = 2  # policy samples per held-out prompt at each point (reward and KL)
+    reference_samples: int = 32  # π_ref samples per held-out prompt for the Best-of-N curve (N up to this)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps, one rollout batch each
     seed: int = 0  # seeds sampling and the order prompts are read in
@@ -149,6 +162,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -175,6 +189,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except FastbondError as error:
                 errors.append(error)
         raise errors[0]
+    if origin is dict:  # a mapping of names (frontier.runs)
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise FastbondError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise FastbondError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         item_types = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
@@ -510,6 +534,22 @@ def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
                     f"config key 'engine.deepspeed_config': file not found: {engine.deepspeed_config}")
 
 
+# A frontier run's name is its directory's name.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]*")
+
+
+def validate_frontier(frontier: FrontierConfig) -> None:
+    """The frontier section alone; each run's overrides are checked as a config by `fastbond frontier`."""
+    positive("frontier.points", frontier.points)
+    positive("frontier.policy_samples", frontier.policy_samples)
+    positive("frontier.reference_samples", frontier.reference_samples)
+    for name, overrides in frontier.runs.items():
+        require(RUN_NAME.fullmatch(name) is not None,
+                f"config key 'frontier.runs.{name}': a run name is a directory name (letters, digits, . _ = + -)")
+        for item in overrides:
+            require("=" in item, f"config key 'frontier.runs.{name}': '{item}' must look like key=value")
+
+
 def validate(config: TrainConfig, check_paths: bool = True) -> None:
     """Range and consistency checks; raises FastbondError naming the key."""
     config.algorithm.check()
@@ -542,6 +582,7 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     require(not (config.checkpoint.overwrite and config.checkpoint.resume),
             "checkpoint.overwrite=true (--force) starts over; it cannot be combined with checkpoint.resume")
 
+    validate_frontier(config.frontier)
     positive("evaluation.max_prompts", config.evaluation.max_prompts)
     positive("evaluation.policy_samples", config.evaluation.policy_samples)
     positive("evaluation.reference_samples", config.evaluation.reference_samples)

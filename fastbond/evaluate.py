@@ -33,13 +33,79 @@ def expected_max_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"need at least {n} samples per prompt to estimate Best-of-{n}, got {m}")
     ordered, _ = torch.sort(rewards.double(), dim=-1)
     ranks = torch.arange(1, m + 1, dtype=torch.float64, device=rewards.device)
-    weights = torch.tensor([math.comb(int(i) - 1, n - 1) for i in ranks], dtype=torch.float64, device=rewards.device)
-    return (ordered * weights).sum(-1) / math.comb(m, n)
+    # as floats: C(m, n) passes int64 for m ≥ 68 (Best-of-64 from 128 samples), not float64
+    weights = torch.tensor([float(math.comb(int(i) - 1, n - 1)) for i in ranks], dtype=torch.float64,
+                           device=rewards.device)
+    return (ordered * weights).sum(-1) / float(math.comb(m, n))
 
 
 def _batches(items: list[str], size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _encoded(tokenizer, prompts: list[str], samples: int, max_prompt_tokens: int, device):
+    """Each prompt `samples` times over, encoded: (texts, ids, mask)."""
+    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_tokens, device)
+    texts = [p for p in prompts for _ in range(samples)]
+    return texts, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+
+
+def _judge_policy(policy, reference, tokenizer, reward_fn, chunk: list[str], samples: int, *, max_new_tokens: int,
+                  max_prompt_tokens: int, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[c, samples] rewards of single policy samples on `chunk`, and log π(y) − log π_ref(y) of each."""
+    device = next(policy.parameters()).device
+    texts, ids, mask = _encoded(tokenizer, chunk, samples, max_prompt_tokens, device)
+    drawn = sample(policy, tokenizer, ids, mask, max_new_tokens, temperature)
+    rewards = reward_fn(texts, drawn.texts).view(len(chunk), samples).cpu()
+    response = drawn.response_mask
+    ell = (response_logprobs(policy, drawn, temperature, backend) * response).sum(-1)
+    ref = (response_logprobs(reference, drawn, temperature, backend) * response).sum(-1)
+    return rewards, (ell - ref).view(len(chunk), samples).cpu()
+
+
+def _reference_rewards(reference, tokenizer, reward_fn, chunk: list[str], samples: int, *, max_new_tokens: int,
+                       max_prompt_tokens: int, temperature: float) -> torch.Tensor:
+    """[c, samples] rewards of π_ref samples on `chunk`, for the Best-of-N estimates."""
+    device = next(reference.parameters()).device
+    texts, ids, mask = _encoded(tokenizer, chunk, samples, max_prompt_tokens, device)
+    drawn = sample(reference, tokenizer, ids, mask, max_new_tokens, temperature)
+    return reward_fn(texts, drawn.texts).view(len(chunk), samples).cpu()
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of [P, s] per-prompt values, and its standard error over the P prompts (the samples
+    of one prompt are not independent draws of the mean: the prompt is shared)."""
+    values = values.double()
+    per_prompt = values.mean(-1)
+    stderr = per_prompt.std() / math.sqrt(per_prompt.shape[0]) if per_prompt.shape[0] > 1 else math.nan
+    return float(values.mean()), float(stderr)
+
+
+@torch.no_grad()
+def judge_policy(policy, reference, tokenizer, reward_fn, prompts: list[str], *, samples: int, max_new_tokens: int,
+                 max_prompt_tokens: int, temperature: float = 1.0, batch_size: int = 64,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """[P, samples] rewards of single policy samples and their log π(y) − log π_ref(y), whose mean
+    estimates KL(π ‖ π_ref)."""
+    rewards, kls = [], []
+    for chunk in _batches(prompts, batch_size):
+        r, kl = _judge_policy(policy, reference, tokenizer, reward_fn, chunk, samples, max_new_tokens=max_new_tokens,
+                              max_prompt_tokens=max_prompt_tokens, temperature=temperature, backend=backend)
+        rewards.append(r)
+        kls.append(kl)
+    return torch.cat(rewards).double(), torch.cat(kls).double()
+
+
+@torch.no_grad()
+def reference_rewards(reference, tokenizer, reward_fn, prompts: list[str], *, samples: int, max_new_tokens: int,
+                      max_prompt_tokens: int, temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+    """[P, samples] rewards of π_ref samples per prompt."""
+    return torch.cat([
+        _reference_rewards(reference, tokenizer, reward_fn, chunk, samples, max_new_tokens=max_new_tokens,
+                           max_prompt_tokens=max_prompt_tokens, temperature=temperature)
+        for chunk in _batches(prompts, batch_size)
+    ]).double()
 
 
 @torch.no_grad()
@@ -59,34 +125,27 @@ def evaluate(
     backend: str = "auto",
 ) -> dict:
     """Metrics of `policy` against BoN sampling of `reference` on `prompts`."""
-    device = next(policy.parameters()).device
+    sizes = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, temperature=temperature)
     policy_rewards, ref_rewards, kls = [], [], []
+    # Policy and π_ref samples alternate chunk by chunk, so the random stream (and every number of
+    # an evaluation) is the same as it always was.
     for chunk in _batches(prompts, batch_size):
-        ids, mask = encode_prompts(tokenizer, chunk, max_prompt_tokens, device)
-        # policy: several single samples per prompt, each judged alone
-        ids_p, mask_p = ids.repeat_interleave(policy_samples, 0), mask.repeat_interleave(policy_samples, 0)
-        texts_p = [p for p in chunk for _ in range(policy_samples)]
-        drawn = sample(policy, tokenizer, ids_p, mask_p, max_new_tokens, temperature)
-        policy_rewards.append(reward_fn(texts_p, drawn.texts).view(len(chunk), policy_samples).cpu())
-        mask_r = drawn.response_mask
-        ell = (response_logprobs(policy, drawn, temperature, backend) * mask_r).sum(-1)
-        ref = (response_logprobs(reference, drawn, temperature, backend) * mask_r).sum(-1)
-        kls.append((ell - ref).cpu())
-        # reference: m samples per prompt for the Best-of-N estimates
-        ids_r, mask_r2 = ids.repeat_interleave(reference_samples, 0), mask.repeat_interleave(reference_samples, 0)
-        texts_r = [p for p in chunk for _ in range(reference_samples)]
-        ref_drawn = sample(reference, tokenizer, ids_r, mask_r2, max_new_tokens, temperature)
-        ref_rewards.append(reward_fn(texts_r, ref_drawn.texts).view(len(chunk), reference_samples).cpu())
+        rewards, kl = _judge_policy(policy, reference, tokenizer, reward_fn, chunk, policy_samples, backend=backend,
+                                    **sizes)
+        policy_rewards.append(rewards)
+        kls.append(kl)
+        ref_rewards.append(_reference_rewards(reference, tokenizer, reward_fn, chunk, reference_samples, **sizes))
 
     policy_r = torch.cat(policy_rewards).double()  # [P, s]
     ref_r = torch.cat(ref_rewards).double()  # [P, m]
     # Win rate: every policy sample against every reference sample of its prompt, ties count half.
     diff = policy_r.unsqueeze(-1) - ref_r.unsqueeze(-2)
     win_rate = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean()
+    reward, reward_stderr = mean_and_stderr(policy_r)
     result = {
         "prompts": len(prompts),
-        "policy_reward": float(policy_r.mean()),
-        "policy_reward_stderr": float(policy_r.mean(-1).std() / math.sqrt(policy_r.shape[0])),
+        "policy_reward": reward,
+        "policy_reward_stderr": reward_stderr,
         "kl_policy_ref": float(torch.cat(kls).mean()),
         "win_rate_vs_ref": float(win_rate),
         "bon": {},

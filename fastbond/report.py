@@ -59,6 +59,11 @@ def write_report(records: list[dict], evaluation: dict | None, path: Path, title
     ax_front.set(xlabel="KL(π‖π_ref) (nats)", ylabel="mean reward", title="reward vs KL")
     _legend(ax_front)
 
+    return save_figure(figure, path, title)
+
+
+def save_figure(figure, path: Path, title: str) -> Path:
+    """`figure` under `title`, written to `path` as a PNG and closed."""
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def render() -> str:
                 lines += [f"### `algorithm.name: {name}`", "", summary, ""]
                 lines += _table(entry.section, "algorithm.", skip=("name",)) + [""]
         elif dataclasses.is_dataclass(section):
-            doc = (section.__doc__ or "").strip()
+            doc = inspect.cleandoc(section.__doc__ or "")
             lines += [f"## {field.name}", ""]
             if doc and not doc.startswith(section.__name__ + "("):
                 lines += [doc, ""]

@@ -1,7 +1,8 @@
 """Measures every number the README shows and writes them in: nothing in the README is typed by hand.
 
-    python tools/readme_results.py            # about 3 minutes on 2 CPU cores; run it on an idle machine
-    python tools/readme_results.py --no-lab   # the embedded default only
+    python tools/readme_results.py                   # about 8 minutes on 2 CPU cores; run it on an idle machine
+    python tools/readme_results.py --no-lab --no-frontier   # the embedded default only
+    python tools/readme_results.py --frontier-only   # the frontier only
 
 What it does:
   1. `fastbond train` (the embedded default) with an empty model cache: the wall time of the
@@ -11,7 +12,9 @@ What it does:
   3. `fastbond lab`, which rewrites docs/lab/ (figures, results.md);
   4. copies the first run's eval.json and report.png to docs/embedded/, writes
      docs/embedded/measured.json (numbers, wall times, library versions, machine, commit) and
-     rewrites the README between the markers below.
+     rewrites the README between the markers below;
+  5. `fastbond frontier` (the embedded grid), timed: copies frontier.png, results.md and
+     results.json to docs/frontier/ and rewrites the README between the frontier markers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ README = ROOT / "README.md"
 EMBEDDED_DOCS = ROOT / "docs" / "embedded"
 BEGIN = "<!-- BEGIN measured by tools/readme_results.py: do not edit by hand -->"
 END = "<!-- END measured -->"
+FRONTIER_DOCS = ROOT / "docs" / "frontier"
+FRONTIER_BEGIN = "<!-- BEGIN frontier by tools/readme_results.py: do not edit by hand -->"
+FRONTIER_END = "<!-- END frontier -->"
 
 
 def versions() -> dict:
@@ -105,8 +111,62 @@ def render(evaluation: dict, fresh_s: float, warm_s: float, same: bool, meta: di
     ])
 
 
+def replace_block(begin: str, end: str, block: str) -> None:
+    """The README with the text between `begin` and `end` (markers included) replaced by `block`."""
+    text = README.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {begin} … {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(head + block + tail)
+
+
+def render_frontier(results: dict, wall_s: float, meta: dict) -> str:
+    sys.path.insert(0, str(ROOT))
+    from fastbond.frontier.table import final_table
+
+    world = results["world"]
+    return "\n".join([
+        FRONTIER_BEGIN,
+        "![reward against KL for every run of the frontier](docs/frontier/frontier.png)",
+        "",
+        *final_table(results),
+        "",
+        results["verdict_text"],
+        "",
+        f"{len(results['runs'])} runs of {world['steps']} steps, judged at steps 0, "
+        f"{', '.join(map(str, world['point_steps']))} on {world['prompts']} held-out prompts "
+        f"({world['policy_samples']} samples each; Best-of-N from {world['reference_samples']} π_ref samples a "
+        "prompt); ± are 95% intervals over prompts. Every point: "
+        "[docs/frontier/results.md](docs/frontier/results.md).",
+        f"Wall time of `fastbond frontier`: {wall_s / 60:.1f} minutes on {meta['machine']} (Python "
+        f"{meta['python']}, torch {meta['torch']}), measured on {meta['date']} at commit {meta['commit']}.",
+        FRONTIER_END,
+    ])
+
+
+def measure_frontier(meta: dict) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "frontier"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fastbond", "frontier", "--out", str(out), "logging.progress=false"],
+                       cwd=ROOT, check=True)
+        wall_s = time.perf_counter() - started
+        FRONTIER_DOCS.mkdir(parents=True, exist_ok=True)
+        for name in ("frontier.png", "results.md", "results.json"):
+            shutil.copy(out / name, FRONTIER_DOCS / name)
+    results = json.loads((FRONTIER_DOCS / "results.json").read_text())
+    if results["runs_reused"]:
+        raise SystemExit("the frontier reused earlier runs: its wall time would not be the whole command's")
+    (FRONTIER_DOCS / "measured.json").write_text(json.dumps({"wall_s": wall_s, **meta}, indent=2) + "\n")
+    replace_block(FRONTIER_BEGIN, FRONTIER_END, render_frontier(results, wall_s, meta))
+
+
 def main(argv: list[str]) -> int:
     meta = versions()
+    if "--frontier-only" in argv:
+        measure_frontier(meta)
+        return 0
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         fresh_s, evaluation = timed_train(scratch / "fresh", scratch / "cache")
@@ -118,16 +178,13 @@ def main(argv: list[str]) -> int:
     measured = {"evaluation": evaluation, "wall_s": {"building_reference": fresh_s, "reference_cached": warm_s},
                 "deterministic": same, **meta}
     (EMBEDDED_DOCS / "measured.json").write_text(json.dumps(measured, indent=2) + "\n")
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit("README.md lacks the markers of the measured block")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(head + render(evaluation, fresh_s, warm_s, same, meta) + tail)
+    replace_block(BEGIN, END, render(evaluation, fresh_s, warm_s, same, meta))
     print(render(evaluation, fresh_s, warm_s, same, meta))
     if "--no-lab" not in argv:
         subprocess.run([sys.executable, "-m", "fastbond", "lab", "--out", str(ROOT / "docs" / "lab")], cwd=ROOT,
                        check=True)
+    if "--no-frontier" not in argv:
+        measure_frontier(meta)
     return 0
 
 

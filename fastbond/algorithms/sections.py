@@ -107,7 +107,9 @@ class RlooSection(AlgorithmSection):
     """REINFORCE with a leave-one-out baseline (the BOND paper's RLHF baseline)."""
 
     name: str = "rloo"
-    beta_rl: float = 0.01  # KL(π ‖ π_ref) penalty β_RL in the return
+    # 0.4: on the embedded world, 80 steps end at KL ≈ 1.8 nats, where the J-BOND default ends (≈ 1.9);
+    # 0.1 and below reward-hack there (KL 17 to 136 nats). `fastbond frontier` shows the sweep.
+    beta_rl: float = 0.4  # KL(π ‖ π_ref) penalty β_RL in the return
     samples_per_prompt: int = 2  # policy samples per prompt; each one's baseline is the others' mean
 
     def check(self) -> None:
