@@ -287,14 +287,15 @@ def resume_checkpoint(checkpoints_dir: Path, mode, say=print) -> Path:
     return fallback
 
 
-def checkpoint_config(checkpoint: Path) -> dict | None:
-    """The config a checkpoint's run had, if it recorded one."""
+def checkpoint_shared(checkpoint: Path) -> dict:
+    """The state every rank shares (data position, the run's config, the prompts' fingerprint),
+    from state.json alone: what a resume is checked against before any tensor loads."""
     try:
         meta = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError):
-        return None
-    config = meta.get("state", {}).get("shared", {}).get("config")
-    return config if isinstance(config, dict) else None
+        return {}
+    shared = meta.get("state", {}).get("shared", {})
+    return shared if isinstance(shared, dict) else {}
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:

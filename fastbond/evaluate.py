@@ -12,7 +12,10 @@ samples are i.i.d. this is an unbiased estimate of E[max of N] = E_{BoN_N}[r].
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -192,10 +195,6 @@ def _without_nonfinite(value, key: str, found: list[str]):
 def write_evaluation(path, result: dict, on_nonfinite: str) -> dict:
     """eval.json as strict JSON, written atomically. A result that is not a number (a reward that
     returned NaN or Inf) becomes null and is named; under on_nonfinite=stop it is an error instead."""
-    import json
-    import os
-    from pathlib import Path
-
     path = Path(path)
     found: list[str] = []
     clean = _without_nonfinite(result, "", found)
@@ -224,8 +223,6 @@ def evaluate_models(models, config, prompts: list[str]) -> dict:
 
 def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = None) -> dict:
     """`fastbond eval RUN_DIR`: judge RUN_DIR/policy (or `policy_path`) as the run was configured."""
-    from pathlib import Path
-
     from fastbond.checkpoint import model_dir_damage
     from fastbond.config import load_config
     from fastbond.data import resolve_prompts

@@ -26,7 +26,6 @@ survives which fault.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import yaml
 from fastbond.algorithms import make_algorithm
 from fastbond.algorithms.base import Algorithm, Context
 from fastbond.checkpoint import (
-    checkpoint_config,
+    checkpoint_shared,
     latest_checkpoint,
     model_dir_damage,
     resume_checkpoint,
@@ -141,12 +140,11 @@ def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: l
     # the main rank decides (and may move damaged checkpoints aside); the others then read `latest`
     _on_main(engine, lambda: resume_checkpoint(checkpoints_dir, config.checkpoint.resume, say=print))
     checkpoint = latest_checkpoint(checkpoints_dir)
-    saved = checkpoint_config(checkpoint)
+    shared = checkpoint_shared(checkpoint)
+    saved = shared.get("config")
     if saved is None and (run_dir / "config.yaml").is_file():  # checkpoints of older versions
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    meta = json.loads((checkpoint / "state.json").read_text())
-    saved_prompts = meta["state"].get("shared", {}).get("prompts")
-    check_resume(checkpoint.name, saved, to_dict(config), saved_prompts, prompts_fingerprint(prompts),
+    check_resume(checkpoint.name, saved, to_dict(config), shared.get("prompts"), prompts_fingerprint(prompts),
                  say=_say(engine))
     return checkpoint
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -92,6 +93,7 @@ class Compiled:
         return found
 
 
+@functools.lru_cache(maxsize=None)  # built once per process: every compile task indexes into it
 def all_launches(arch: int) -> list[Launch]:
     """Every launch of every fused op for `arch`, from the kernel modules themselves."""
     launches = []

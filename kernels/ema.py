@@ -374,7 +374,7 @@ def _launch_config(device: torch.device) -> tuple[int, int, int]:
 
 def _vector(*dtypes: torch.dtype) -> int:
     """Elements in 16 bytes of the narrowest dtype."""
-    return 16 // min(torch.empty((), dtype=d).element_size() for d in dtypes)
+    return 16 // min(d.itemsize for d in dtypes)
 
 
 _TABLE_CACHE: OrderedDict = OrderedDict()
@@ -453,7 +453,7 @@ def ema_triton(anchors, policies, eta, shadows=None, stochastic_rounding=False, 
 def _vectors_per_thread(dtype: torch.dtype) -> int:
     """16-byte accesses a thread makes to one operand per block, at the CUDA launch configuration."""
     elements = _CUDA_LAUNCH["BLOCK"] // (32 * _CUDA_LAUNCH["num_warps"])
-    return max(1, elements * torch.empty((), dtype=dtype).element_size() // 16)
+    return max(1, elements * dtype.itemsize // 16)
 
 
 def cuda_launches(arch: int):
