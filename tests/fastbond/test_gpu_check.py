@@ -137,3 +137,18 @@ def test_a_part_past_its_timeout_is_killed_and_recorded_as_timed_out(tmp_path):
     part = gpu_check.Part("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], cap_s=1, estimate_s=1)
     record = gpu_check.run_part(part, timeout=1, log=tmp_path / "sleeper.log", env=dict(os.environ))
     assert record["status"] == "timed out" and record["seconds"] < 30
+
+
+@pytest.mark.slow
+def test_forward_sweep_rehearsal_checks_each_configuration_against_chunked(tmp_path):
+    """benchmarks/forward_sweep.py --tiny: the sweep's plumbing under the interpreter (timings mean nothing)."""
+    out = tmp_path / "sweep.json"
+    command = [sys.executable, "benchmarks/forward_sweep.py", "--tiny", "--budget-s", "3", "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["stopped"] == "budget"
+    measured = [c for c in result["configs"] if "ms" in c]
+    assert measured and all(c["max_abs_err"] < 1e-4 for c in measured)
+    assert {c["per_program"] for c in measured} >= {"auto", 1}
