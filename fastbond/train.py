@@ -49,6 +49,7 @@ from fastbond.data import PromptStream, check_prompt_lengths, resolve_prompts
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
 from fastbond.metrics_log import MetricsLog, read_metrics
+from fastbond.models import compute_dtype, model_sources
 from fastbond.process import prepare_process
 from fastbond.resume import check_resume, prompts_fingerprint
 from fastbond.rollout import KeyedNoise, Prompts, combine_keys, encode_prompts
@@ -164,6 +165,17 @@ def setup_run(config: TrainConfig) -> Run:
         raise
 
 
+def rollout_engine(config: TrainConfig, engine: Engine):
+    """rollout.engine=vllm: this rank's colocated vLLM engine, built now that the process group exists."""
+    if config.rollout.engine != "vllm":
+        return None
+    from fastbond.rollout.vllm_engine import VLLMRollout
+
+    return VLLMRollout(model_sources(config)[0], compute_dtype(config), engine.device, seed=config.seed,
+                       max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+                       settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code)
+
+
 def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:
     if config.model.policy != EMBEDDED:
         problem = model_dir_damage(Path(config.model.policy))
@@ -179,11 +191,14 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
     check_prompt_lengths(models.tokenizer, train_prompts, limit, f"data.prompts ({config.data.prompts})")
     check_prompt_lengths(models.tokenizer, eval_prompts, limit, f"data.eval_prompts ({config.data.eval_prompts})")
 
+    vllm = rollout_engine(config, engine)
     ctx = Context(
         models.policy, models.reference, models.tokenizer, models.reward_fn, models.anchor,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
         generation=engine.generation, batch_sum=engine.batch_sum,
-        noise=KeyedNoise(config.seed) if config.rollout.sampler == "keyed" else None,
+        # vLLM seeds each request with its row key, so its draws are split-invariant too
+        noise=KeyedNoise(config.seed) if config.rollout.sampler == "keyed" or vllm is not None else None,
+        vllm=vllm,
     )
     # The prompt stream is the same on every rank; each takes its share of a batch.
     stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
@@ -269,11 +284,20 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
     texts = texts[first : first + share]
     if ctx.noise is not None:
         ctx.noise.start_step(run.step + 1)
+    if ctx.vllm is not None:
+        ctx.vllm.start_step(run.step + 1)
     with timer("generate"):
         ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, engine.device)
         batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
     reward = batch.policy_rewards.float()
     metrics: dict = {"reward": reward.nanmean() if reward.numel() else reward}
+    if ctx.vllm is not None:
+        own = ctx.vllm.gap_ok()
+        if not engine.all_true(own):  # every rank stops, whichever saw the gap
+            raise ctx.vllm.gap_error(run.step + 1) if not own else FastbondError(
+                f"step {run.step + 1}: another rank's vLLM log-probs differ from the trainer's by more than "
+                f"rollout.vllm.max_logp_gap={config.rollout.vllm.max_logp_gap}; see that rank's error")
+        metrics.update(ctx.vllm.pop_metrics())
     finite = all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
     if not engine.all_true(finite):  # all ranks skip together, or none does
         return _skip(run, metrics, "the reward function returned NaN or Inf")
@@ -288,6 +312,8 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
         return _skip(run, metrics, "the loss or its gradient is NaN or Inf")
     with timer("ema"):
         run.algorithm.after_step(ctx, run.step + 1)
+    if ctx.vllm is not None:
+        ctx.vllm.weights_changed()  # the policy moved, and the anchor with it
     run.updating = False
     metrics.update({"grad_norm": grad_norm, "lr": engine.lr, "skipped_steps": run.skipped})
     return metrics

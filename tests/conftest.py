@@ -24,3 +24,4 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: longer than a few seconds on 2 CPU cores")
     config.addinivalue_line("markers", "distributed: launches 2 CPU ranks (DeepSpeed over gloo); runs by default")
+    config.addinivalue_line("markers", "vllm: needs vLLM (its CPU build in CI: .ci/vllm_env.sh); skipped without it")

@@ -86,6 +86,22 @@ def _table(cls, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
     return rows
 
 
+def _subsections(section, prefix: str) -> list[str]:
+    """A section's own sections (e.g. rollout.vllm), each a table under its own heading."""
+    lines = []
+    hints = typing.get_type_hints(section)
+    for field in dataclasses.fields(section):
+        sub = hints[field.name]
+        if dataclasses.is_dataclass(sub):
+            name = f"{prefix}.{field.name}"
+            doc = inspect.cleandoc(sub.__doc__ or "")
+            lines += [f"### {name}", ""]
+            if doc and not doc.startswith(sub.__name__ + "("):
+                lines += [doc, ""]
+            lines += _table(sub, f"{name}.") + [""]
+    return lines
+
+
 def render() -> str:
     sys.path.insert(0, str(ROOT))
     from fastbond.algorithms import ALGORITHMS
@@ -108,6 +124,7 @@ def render() -> str:
             if doc and not doc.startswith(section.__name__ + "("):
                 lines += [doc, ""]
             lines += _table(section, f"{field.name}.") + [""]
+            lines += _subsections(section, field.name)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -26,10 +26,11 @@ from torch import nn
 from fastbond.algorithms.sections import AlgorithmSection
 from fastbond.kernels.sequences import BatchSum
 from fastbond.logprobs import response_logprobs
-from fastbond.rollout import KeyedNoise, Prompts, Samples, sample
+from fastbond.rollout import KeyedNoise, Prompts, Samples, eos_token_ids, sample
 
 if TYPE_CHECKING:
     from fastbond.anchor import EMAAnchor, ShardedEMAAnchor
+    from fastbond.rollout.vllm_engine import VLLMRollout
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -59,7 +60,8 @@ class Context:
     backend: str = "auto"
     generation: Callable[[nn.Module], AbstractContextManager[bool]] = _no_gather
     batch_sum: BatchSum | None = None
-    noise: KeyedNoise | None = None  # rollout.sampler=keyed: the row keys of the split-invariant sampler
+    noise: KeyedNoise | None = None  # rollout.sampler=keyed (and every vllm request's seed): row keys
+    vllm: "VLLMRollout | None" = None  # rollout.engine=vllm: the colocated engine that samples instead of generate
 
     @property
     def pad_token_id(self) -> int:
@@ -68,9 +70,18 @@ class Context:
     def draw(self, model: nn.Module, prompts: Prompts) -> Samples:
         """One response per prompt row from `model`."""
         keys = self.noise.row_keys(prompts.index, prompts.sample) if self.noise is not None else None
+        if self.vllm is not None:
+            return self._draw_vllm(model, prompts, keys)
         with self.generation(model) as synced:
             return sample(model, self.tokenizer, prompts.ids, prompts.mask, self.max_new_tokens, self.temperature,
                           synced_gpus=synced, row_keys=keys)
+
+    def _draw_vllm(self, model: nn.Module, prompts: Prompts, keys: torch.Tensor) -> Samples:
+        samples, engine_logps = self.vllm.draw(model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                                               keys.tolist(), eos_token_ids(model, self.tokenizer))
+        if self.vllm.checking:  # the trainer's own log-probs of the same tokens
+            self.vllm.record_gap(engine_logps, self.frozen_logps(model, samples), samples.response_mask)
+        return samples
 
     def score(self, prompts: list[str], samples: Samples) -> torch.Tensor:
         """[B] rewards of the samples' responses to `prompts`."""

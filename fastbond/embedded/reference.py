@@ -30,7 +30,7 @@ from fastbond.embedded.grammar import (
     write_prompts_jsonl,
 )
 
-VERSION = "v1"  # bump when the grammar, tokenizer or model changes: it names the cache directory
+VERSION = "v2"  # bump when the grammar, tokenizer or model changes: it names the cache directory
 MAX_NEW_TOKENS = 16  # the longest response the grammar makes is 14 words + EOS
 REWARD_NAME = "sentiment"  # the builtin scorer this world is designed for
 META_FILE = "fastbond_embedded.json"  # written last: its presence marks a complete build
@@ -70,7 +70,11 @@ def build_tokenizer(padding_side: str = "left"):
 
 
 def reference_config(tokenizer):
-    """The tiny Llama of π_ref: 2 layers, hidden 64, 4 heads; untied embeddings like most real LMs."""
+    """The tiny Llama of π_ref: 2 layers, hidden 64, 2 heads of 32; untied embeddings like most real LMs.
+
+    Head size 32, not 16: vLLM's CPU attention has no kernel below 32
+    (rollout.engine=vllm); 2 × 32 has the parameters of 4 × 16.
+    """
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -78,8 +82,8 @@ def reference_config(tokenizer):
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -280,7 +284,7 @@ def build_embedded_reference(
     """The directory of the embedded π_ref, built on first use and reused after.
 
     `cache_dir` is the cache root (default `default_cache_root()`); the build
-    lives in `<root>/embedded-v1-seed<seed>` and holds a transformers checkpoint
+    lives in `<root>/embedded-v2-seed<seed>` and holds a transformers checkpoint
     (model.safetensors, tokenizer), the train / eval prompt files and
     `fastbond_embedded.json` (losses, entropy, build time).
 

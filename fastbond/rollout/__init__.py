@@ -6,13 +6,16 @@
                   (top-k and top-p off), and `encode_prompts`
     keyed.py      `rollout.sampler: keyed`: Gumbel-max with hashed noise, so a row's draw does not
                   depend on how the batch is split over ranks
+    vllm_engine.py  `rollout.engine: vllm`: a colocated vLLM engine, weights pushed as they change,
+                  its log-probs checked against the trainer's
+    weights.py    a model's weights as a stream of (name, tensor), gathered group by group under ZeRO-3
 
 Two samplers (config `rollout.sampler`): `torch` draws with `generate`'s own
 multinomial sampling from the global torch generator; `keyed` with
 `KeyedNoise` row keys.
 """
 
-from fastbond.rollout.generate import encode_prompts, response_mask_from, sample
+from fastbond.rollout.generate import encode_prompts, eos_token_ids, response_mask_from, sample
 from fastbond.rollout.keyed import KeyedGumbel, KeyedNoise, combine_keys, hash32, keyed_uniform
 from fastbond.rollout.samples import Prompts, Samples, concat_samples
 
@@ -24,6 +27,7 @@ __all__ = [
     "combine_keys",
     "concat_samples",
     "encode_prompts",
+    "eos_token_ids",
     "hash32",
     "keyed_uniform",
     "response_mask_from",

@@ -23,17 +23,18 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-def response_mask_from(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+def response_mask_from(responses: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """[B, T] bool: tokens up to and including the first EOS (all tokens if none)."""
     is_eos = torch.zeros_like(responses, dtype=torch.bool)
-    for eos in eos_token_ids:
+    for eos in eos_ids:
         is_eos |= responses == eos
     # Number of EOS strictly before each position: 0 means "still in the response".
     eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
     return eos_before == 0
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end a response: the model's generation config's EOS, else the tokenizer's."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -66,7 +67,7 @@ def sample(
     """
     was_training = model.training
     model.eval()
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     if row_keys is None:
         how = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     else:

