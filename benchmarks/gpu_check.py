@@ -80,6 +80,7 @@ SUITES = {
     "jbond_linear": ("B16xT256", 70, 50),
 }
 STEP_CAP_S, STEP_ESTIMATE_S = 150, 100
+ROLLOUT_CAP_S, ROLLOUT_ESTIMATE_S = 60, 30  # benchmarks/rollout_speed.py: generate vs vllm samples/s
 TESTS_CAP_S, TESTS_ESTIMATE_S = 90, 60
 
 
@@ -100,7 +101,10 @@ def parts(raw: Path, cuda: bool) -> list[Part]:
     step_args = [] if cuda else ["--tiny", "--prompts", "4", "--new-tokens", "8"]
     step = Part("step", [py, str(BENCH / "jbond_step.py"), "--out", str(raw / "step.json"), *step_args],
                 STEP_CAP_S, STEP_ESTIMATE_S, floor_s=90 if cuda else 20, files={"json": raw / "step.json"})
-    return [tests, bench["linear_logprobs"], bench["jbond_loss"], bench["ema"], step, bench["jbond_linear"]]
+    rollout_args = ["--device", "cuda"] if cuda else ["--device", "cpu", "--quick"]
+    rollout = Part("rollout", [py, str(BENCH / "rollout_speed.py"), "--out", str(raw / "rollout.json"), *rollout_args],
+                   ROLLOUT_CAP_S, ROLLOUT_ESTIMATE_S, files={"json": raw / "rollout.json"})
+    return [tests, bench["linear_logprobs"], bench["jbond_loss"], bench["ema"], step, bench["jbond_linear"], rollout]
 
 
 # --------------------------------------------------------------------------- #
@@ -352,7 +356,23 @@ def evaluate_goals(result: dict) -> list[dict]:
         rows.append(_row(goal, None, "≥ 1.00×", None, why) if why else
                     _row(goal, f"{row['ratio_vs_foreach_lerp']:.2f}× its GB/s", "≥ 1.00×",
                          row["ratio_vs_foreach_lerp"] >= 1.0))
+    rows.append(_rollout_row(result))
     return rows
+
+
+def _rollout_row(result: dict) -> dict:
+    """vLLM against generate on the largest model rollout_speed.py ran; owed where vLLM is not installed."""
+    goal = "vLLM rollouts ≥ generate's samples/s [largest model of rollout_speed.py]"
+    rollout = result.get("rollout") or {}
+    models = rollout.get("models") or []
+    if not result["env"].get("cuda_available"):
+        return _row(goal, None, "≥ 1.00×", None, "no CUDA")
+    if not models:
+        return _row(goal, None, "≥ 1.00×", None, f"rollout {rollout.get('status', 'not run')}")
+    if "vllm" not in models[-1]:
+        return _row(goal, None, "≥ 1.00×", None, "owed: vLLM is not installed on this machine")
+    ratio = models[-1]["vllm_over_generate"]
+    return _row(goal, f"{ratio:.2f}× ({models[-1]['model']})", "≥ 1.00×", ratio >= 1.0)
 
 
 def goal_table(rows: list[dict]) -> str:
@@ -442,7 +462,7 @@ def main(argv=None) -> int:
     clock.say(f"result: {out}; logs and raw files: {raw}/")
 
     result = {"schema": SCHEMA, "dry_run": args.dry_run, "date": today, "budget_s": BUDGET_S, "env": envinfo,
-              "parts": {}, "tests": None, "benchmarks": {}, "step": {}, "goals": []}
+              "parts": {}, "tests": None, "benchmarks": {}, "step": {}, "rollout": {}, "goals": []}
     plan = parts(raw, cuda)
     clock.say("plan on one H100/H200: " + ", ".join(f"{p.name} ~{p.estimate_s} s" for p in plan)
               + f"; {sum(p.estimate_s for p in plan)} s of the {BUDGET_S} s budget")
@@ -476,6 +496,11 @@ def main(argv=None) -> int:
             if part.files["json"].is_file():
                 entry["results"] = summarize_suite(suite, json.loads(part.files["json"].read_text()))
             result["benchmarks"][suite] = entry
+        elif part.name == "rollout":
+            rollout = {"status": status}
+            if part.files["json"].is_file():
+                rollout.update(json.loads(part.files["json"].read_text()))
+            result["rollout"] = rollout
         elif part.name == "step":
             step = {"status": status}
             if part.files["json"].is_file():

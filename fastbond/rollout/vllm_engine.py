@@ -104,6 +104,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """Name → shape of every tensor in the safetensors checkpoint in `model_dir` (headers only); None without one."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
@@ -120,6 +135,10 @@ class VLLMRollout:
         self.settings = settings
         self.device = device
         rng, threads, set_threads = _rng_state(), torch.get_num_threads(), torch.set_num_threads
+        if device.type == "cpu":
+            # Unset, vLLM's CPU worker drops the process to one OpenMP thread "for serving", and the
+            # trainer's own matmuls run at half speed on 2 cores from then on; it shares the trainer's.
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         kwargs = dict(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
                       max_model_len=max_model_len, skip_tokenizer_init=True, generation_config="vllm",
                       logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code,
@@ -139,6 +158,7 @@ class VLLMRollout:
             torch.set_num_threads = set_threads  # vLLM replaces it with a no-op
             set_threads(threads)
         self.build_s = time.perf_counter() - started
+        self._shapes = checkpoint_shapes(model_dir)  # what the engine's weights were built for
         self._vllm = vllm
         self._held: nn.Module | None = None
         self._stale = True
@@ -154,9 +174,11 @@ class VLLMRollout:
         """After an optimizer step or anchor update: the next draw pushes the weights again."""
         self._stale = True
 
-    def _hold(self, model: nn.Module) -> None:
+    def hold(self, model: nn.Module) -> None:
+        """Make the engine hold `model`'s current weights: pushed unless it already holds them."""
         if self._held is model and not self._stale:
             return
+        self._check_shapes(model)
         started = time.perf_counter()
         self._held = None  # a failed push leaves the engine's weights undefined
         try:
@@ -169,6 +191,21 @@ class VLLMRollout:
         self._held, self._stale = model, False
         self._pushes += 1
         self._push_s += time.perf_counter() - started
+
+    def _check_shapes(self, model: nn.Module) -> None:
+        """Refuse, before pushing, weights the engine was not built for: a push with a wrong shape
+        leaves vLLM's weights on the meta device and the engine unusable until rebuilt."""
+        if self._shapes is None:
+            return
+        for name, param in model.named_parameters():
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            if name not in self._shapes:
+                raise FastbondError(f"rollout.engine=vllm: the model has a weight '{name}' that the engine's "
+                                    "checkpoint does not; only models of the policy's architecture can be sampled")
+            if self._shapes[name] != shape:
+                raise FastbondError(f"rollout.engine=vllm: weight '{name}' is {list(shape)}, the engine's is "
+                                    f"{list(self._shapes[name])}; only models of the policy's architecture "
+                                    "can be sampled")
 
     @contextmanager
     def _awake(self):
@@ -196,10 +233,14 @@ class VLLMRollout:
         sampled token (0 past the response), laid out as `fastbond.rollout.sample` lays out `generate`'s."""
         requests = [self._vllm.inputs.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
                     for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]
-        with self._awake():
-            self._hold(model)
-            outputs = self.llm.generate(requests, self._params(seeds, max_new_tokens, temperature, eos_ids),
-                                        use_tqdm=False)
+        rng = _rng_state()  # vLLM's sampler draws from the global generator too, seeds or not
+        try:
+            with self._awake():
+                self.hold(model)
+                outputs = self.llm.generate(requests, self._params(seeds, max_new_tokens, temperature, eos_ids),
+                                            use_tqdm=False)
+        finally:
+            _set_rng_state(rng)
         drawn = [out.outputs[0] for out in outputs]
         width = max(1, max(len(d.token_ids) for d in drawn))
         pad = tokenizer.pad_token_id

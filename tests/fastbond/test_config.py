@@ -274,7 +274,8 @@ def test_vllm_rollouts_without_vllm_name_the_extra(monkeypatch):
     "override, message",
     [
         ("rollout.engine=sglang", "config key 'rollout.engine' must be one of generate, vllm; got 'sglang'"),
-        ("rollout.vllm.gpu_memory_utilization=0", "config key 'rollout.vllm.gpu_memory_utilization' must lie in (0, 1]"),
+        ("rollout.vllm.gpu_memory_utilization=0",
+         "config key 'rollout.vllm.gpu_memory_utilization' must lie in (0, 1]"),
         ("rollout.vllm.max_logp_gap=0", "config key 'rollout.vllm.max_logp_gap' must be"),
         ("rollout.vllm.check_every=-1", "config key 'rollout.vllm.check_every' must be"),
         ("rollout.vllm.kv_cache=2", "unknown config key 'rollout.vllm.kv_cache'"),

@@ -41,7 +41,7 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
         assert key in result["env"]
     assert set(result["env"]["packages"]) == set(gpu_check.OPTIONAL)
     assert list(result["parts"]) == ["tests", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema", "step",
-                                     "bench:jbond_linear"]
+                                     "bench:jbond_linear", "rollout"]
     for name, part in result["parts"].items():
         assert part["status"] == "ok", (name, part)
         assert (ROOT / part["log"]).is_file()
@@ -53,6 +53,8 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
     assert set(step["phases_s"]) == {"generate", "logprobs_and_loss", "backward_and_clip", "optimizer", "ema"}
     assert all(value is not None and value >= 0 for value in step["phases_s"].values())
     assert step["peak_memory_GiB"] is None
+    # The rollout benchmark timed generate on the embedded model (vLLM, where installed, beside it).
+    assert result["rollout"]["models"][0]["generate"]["samples_per_s"] > 0
 
     # Every goal row is there, and says why it was skipped.
     assert result["goals"] and all(g["verdict"] == "skipped" and g["reason"] == "no CUDA" for g in result["goals"])
@@ -64,7 +66,7 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
 
 
 def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedup=1.5, copy_ratio=0.9,
-              lerp_ratio=1.2) -> dict:
+              lerp_ratio=1.2, vllm_ratio=2.0) -> dict:
     """A result as gpu_check.py writes it on a GPU, with the numbers the goals read."""
     linear = [{"head": "gemma-2b", "N": n, "H": 2048, "V": 256000, "mode": "fwdbwd",
                "ms": {"triton": triton, "liger": liger, "cce": cce, "cublas": cublas},
@@ -73,7 +75,8 @@ def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedu
     return {
         "env": {"cuda_available": True, "packages": dict.fromkeys(gpu_check.OPTIONAL, installed)},
         "parts": {name: {"status": "ok", "log": f"{name}.log"} for name in
-                  ["tests", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema", "step", "bench:jbond_linear"]},
+                  ["tests", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema", "step", "bench:jbond_linear",
+                   "rollout"]},
         "tests": {"passed": 12, "failed": 0, "errors": 0, "skipped": 0},
         "benchmarks": {
             "linear_logprobs": {"results": linear},
@@ -82,6 +85,9 @@ def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedu
             "ema": {"results": [{"preset": p, "ratio_vs_copy": copy_ratio, "ratio_vs_foreach_lerp": lerp_ratio}
                                 for p in ("gemma-2b", "gemma-7b")]},
         },
+        "rollout": {"status": "ok", "models": [{"model": "random-llama-50m", "generate": {"samples_per_s": 10.0},
+                                                "vllm": {"samples_per_s": 10.0 * vllm_ratio},
+                                                "vllm_over_generate": vllm_ratio}]},
     }
 
 
@@ -91,7 +97,7 @@ def _verdicts(result: dict) -> dict:
 
 def test_goals_pass_when_every_number_meets_its_goal():
     verdicts = _verdicts(_measured())
-    assert len(verdicts) == 12 and set(verdicts.values()) == {"PASS"}
+    assert len(verdicts) == 13 and set(verdicts.values()) == {"PASS"}
 
 
 @pytest.mark.parametrize("numbers, failing", [
@@ -101,12 +107,21 @@ def test_goals_pass_when_every_number_meets_its_goal():
     ({"speedup": 0.95}, "torch.compile"),
     ({"copy_ratio": 0.8}, "copy bandwidth"),
     ({"lerp_ratio": 0.99}, "_foreach_lerp_"),
+    ({"vllm_ratio": 0.9}, "vLLM rollouts"),
 ])
 def test_a_missed_goal_is_a_fail(numbers, failing):
     verdicts = _verdicts(_measured(**numbers))
     failed = {goal for goal, verdict in verdicts.items() if verdict == "FAIL"}
     assert failed and all(failing in goal for goal in failed), failed
     assert all(verdicts[goal] == "PASS" for goal in verdicts if goal not in failed)
+
+
+def test_vllm_rollouts_are_owed_where_vllm_is_not_installed():
+    result = _measured()
+    del result["rollout"]["models"][0]["vllm"]
+    row = {r["goal"]: r for r in gpu_check.evaluate_goals(result)}
+    (goal,) = [g for g in row if g.startswith("vLLM rollouts")]
+    assert row[goal]["verdict"] == "skipped" and row[goal]["reason"] == "owed: vLLM is not installed on this machine"
 
 
 def test_failed_cuda_tests_are_a_fail():

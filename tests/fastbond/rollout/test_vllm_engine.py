@@ -37,7 +37,10 @@ def engine(embedded_reference):
 
 
 def test_building_the_engine_leaves_the_trainers_process_as_it_was(embedded_reference):
-    """LLM(seed=…) reseeds torch, random and numpy, and vLLM replaces torch.set_num_threads: all put back."""
+    """LLM(seed=…) reseeds torch, random and numpy, and vLLM replaces torch.set_num_threads: all put back.
+
+    First in this file: the engine it builds is gone before the module's `engine` fixture is built (one
+    engine's end tears down vLLM's process-wide parallel groups, which a live engine still uses)."""
     import random
 
     import numpy as np
@@ -221,6 +224,18 @@ def test_an_unsupported_head_size_is_one_line(tmp_path, reference):
     assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 4
 
 
+def _train(cache, *overrides):
+    """`fastbond train` in its own process: vLLM keeps process-wide state (its parallel groups) that a
+    second engine's end would tear down under this module's engine."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTBOND_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "fastbond", "train", *TRAIN, *overrides], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 TRAIN = ["steps=2", "rollout.batch_size=8", "rollout.max_new_tokens=8", "evaluation.at_end=false",
          "logging.progress=false", "rollout.engine=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
 
@@ -229,13 +244,11 @@ TRAIN = ["steps=2", "rollout.batch_size=8", "rollout.max_new_tokens=8", "evaluat
 def test_training_with_vllm_rollouts_logs_the_gap_and_the_pushes(tmp_path, fastbond_cache, algorithm, pushes):
     """J-BOND pushes the policy, then the anchor, each step; REINFORCE samples the policy alone, so
     only the step's weight change makes the engine take the moved policy."""
-    from fastbond.config import load_config
     from fastbond.metrics_log import read_metrics
-    from fastbond.presets import embedded_preset
-    from fastbond.train import train
 
-    overrides = TRAIN + [f"run_dir={tmp_path / 'run'}", f"algorithm.name={algorithm}"]
-    run_dir = train(load_config(embedded_preset(), overrides))
+    run_dir = tmp_path / "run"
+    done = _train(fastbond_cache, f"run_dir={run_dir}", f"algorithm.name={algorithm}")
+    assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
@@ -245,14 +258,33 @@ def test_training_with_vllm_rollouts_logs_the_gap_and_the_pushes(tmp_path, fastb
 
 
 def test_a_gap_over_the_threshold_stops_the_run_with_one_line(tmp_path, fastbond_cache):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, FASTBOND_CACHE=str(fastbond_cache))
-    done = subprocess.run([sys.executable, "-m", "fastbond", "train", *TRAIN, f"run_dir={tmp_path / 'run'}",
-                           "rollout.vllm.max_logp_gap=1e-12"], env=env, capture_output=True, text=True, timeout=600)
+    done = _train(fastbond_cache, f"run_dir={tmp_path / 'run'}", "rollout.vllm.max_logp_gap=1e-12")
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "step 1: vLLM's log-probs of its sampled tokens differ from the trainer's" in last
     assert "rollout.vllm.max_logp_gap=1e-12" in last
+
+
+def test_weights_of_another_shape_are_refused_before_the_push(engine, model, reference):
+    """vLLM left with a wrong-shaped push has its weights on the meta device for good: never push one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = reference[1]
+    config = LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 96})
+    wider = LlamaForCausalLM(config).eval()
+    prompts = _prompts(tokenizer, _texts(), repeat=2)
+    with pytest.raises(FastbondError) as error:
+        _draw(engine, wider, tokenizer, prompts)
+    message = str(error.value)
+    assert "\n" not in message and "mlp.gate_proj.weight' is [96, 64], the engine's is [128, 64]" in message
+    samples, logps = _draw(engine, model, tokenizer, prompts)  # the engine still works
+    gap = (logps - _trainer_logps(model, samples)).abs()[samples.response_mask]
+    assert float(gap.max()) < 1e-4
+
+
+def test_a_draw_leaves_the_global_generator_alone(engine, model, reference):
+    tokenizer = reference[1]
+    prompts = _prompts(tokenizer, _texts(), repeat=2)
+    state = torch.get_rng_state()
+    _draw(engine, model, tokenizer, prompts)
+    assert torch.equal(torch.get_rng_state(), state)
