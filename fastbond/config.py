@@ -53,6 +53,16 @@ MAX_CPU_THREADS = 1024
 
 
 @dataclass
+class LoraConfig:
+    """LoRA J-BOND: policy and anchor as adapters on one frozen base, π_ref that base (docs/lora.md)."""
+
+    r: int = 0  # adapter rank; 0 trains every weight (no LoRA)
+    alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r)·B·A
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    target_modules: list[str] | None = None  # module names to adapt; default the attention and MLP projections
+
+
+@dataclass
 class ModelConfig:
     policy: str = EMBEDDED  # a transformers checkpoint directory, or "embedded"
     reference: str | None = None  # π_ref; defaults to the policy's initial weights
@@ -60,6 +70,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless the user turns it on
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more time)
     attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -517,6 +528,28 @@ def _attention(value: str, check_environment: bool) -> None:
                 f"installed: {remedy}, or use sdpa or eager")
 
 
+def _lora(config: TrainConfig, check_environment: bool) -> None:
+    lora = config.model.lora
+    at_least("model.lora.r", lora.r, 0)
+    positive("model.lora.alpha", lora.alpha)
+    require(0.0 <= lora.dropout < 1.0, f"config key 'model.lora.dropout' must lie in [0, 1), got {lora.dropout}")
+    if lora.target_modules is not None:
+        require(isinstance(lora.target_modules, list) and lora.target_modules
+                and all(isinstance(t, str) and t for t in lora.target_modules),
+                "config key 'model.lora.target_modules' must be a non-empty list of module names, got "
+                f"{lora.target_modules!r}")
+    if lora.r == 0:
+        return
+    require(config.engine.kind != "deepspeed", "model.lora runs in one process for now: "
+            "engine.kind=deepspeed with model.lora.r > 0 is not supported yet")
+    require(config.rollout.engine == "generate", "model.lora samples with generate for now: "
+            "rollout.engine=vllm with model.lora.r > 0 is not supported yet")
+    if check_environment:
+        require(importlib.util.find_spec("peft") is not None,
+                "config key 'model.lora.r': LoRA needs the peft package, which is not installed: "
+                "pip install -e .[lora] (or pip install peft), or set model.lora.r=0")
+
+
 def _rollout_engine(rollout: RolloutConfig, check_environment: bool) -> None:
     one_of("rollout.engine", rollout.engine, ROLLOUT_ENGINES)
     vllm = rollout.vllm
@@ -596,6 +629,7 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     positive("rollout.temperature", config.rollout.temperature)
     one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
     _rollout_engine(config.rollout, check_environment=check_paths)
+    _lora(config, check_environment=check_paths)
     positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     positive("reward.batch_size", config.reward.batch_size)
     positive("steps", config.steps)

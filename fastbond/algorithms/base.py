@@ -16,7 +16,7 @@ with a tiny model and a stub reward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,18 @@ if TYPE_CHECKING:
     from fastbond.rollout.vllm_engine import VLLMRollout
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+@contextmanager
+def _as_module(model):
+    """The module to run for `model`: itself, or for a LoRA role (π_ref, the anchor: `fastbond.lora.AdapterRole`)
+    the shared base switched to that role for the duration."""
+    active = getattr(model, "active", None)
+    if active is None:
+        yield model
+    else:
+        with active() as module:
+            yield module
 
 
 def _no_gather(model: nn.Module) -> AbstractContextManager[bool]:
@@ -72,8 +84,8 @@ class Context:
         keys = self.noise.row_keys(prompts.index, prompts.sample) if self.noise is not None else None
         if self.vllm is not None:
             return self._draw_vllm(model, prompts, keys)
-        with self.generation(model) as synced:
-            return sample(model, self.tokenizer, prompts.ids, prompts.mask, self.max_new_tokens, self.temperature,
+        with _as_module(model) as module, self.generation(module) as synced:
+            return sample(module, self.tokenizer, prompts.ids, prompts.mask, self.max_new_tokens, self.temperature,
                           synced_gpus=synced, row_keys=keys)
 
     def _draw_vllm(self, model: nn.Module, prompts: Prompts, keys: torch.Tensor) -> Samples:
@@ -95,8 +107,9 @@ class Context:
 
     def logps(self, model: nn.Module, samples: Samples, entropy: bool = False):
         """[B, T] token log-probs (and entropies) of the responses under `model`, through the fused head."""
-        return response_logprobs(model, samples, temperature=self.temperature, backend=self.backend,
-                                 return_entropy=entropy)
+        with _as_module(model) as module:
+            return response_logprobs(module, samples, temperature=self.temperature, backend=self.backend,
+                                     return_entropy=entropy)
 
     @torch.no_grad()
     def frozen_logps(self, model: nn.Module, samples: Samples) -> torch.Tensor:

@@ -37,6 +37,7 @@ class Models:
     reference: nn.Module
     reward_fn: Any  # fastbond.rewards.RewardFunction
     anchor: Any = None  # fastbond.anchor.EMAAnchor / ShardedEMAAnchor, when the algorithm has one
+    adapters: Any = None  # model.lora: the PEFT model holding the policy and anchor adapters (fastbond.lora)
 
 
 class Engine(ABC):

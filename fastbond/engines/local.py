@@ -110,6 +110,8 @@ def load_models(config, policy_path: str | Path | None, device: torch.device, ne
     policy_source, reference_source = model_sources(config)
     dtype = compute_dtype(config)
     tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
+    if config.model.lora.r > 0:
+        return _lora_models(config, policy_path, device, needs_anchor, tokenizer)
     # The policy keeps fp32 master weights; low precision is used through autocast.
     policy = load_policy(config, policy_path or policy_source, torch.float32, device)
     return Models(
@@ -118,6 +120,36 @@ def load_models(config, policy_path: str | Path | None, device: torch.device, ne
         reference=load_frozen(config, reference_source, dtype, device),
         reward_fn=load_run_reward(config, tokenizer, device, dtype),
         anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
+    )
+
+
+def replace_lora(config, **changes):
+    """`config` with model.lora keys changed (e.g. r=0: the same run without LoRA)."""
+    import dataclasses
+
+    lora = dataclasses.replace(config.model.lora, **changes)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
+
+
+def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool, tokenizer) -> Models:
+    """LoRA: one fp32 base from the run's initial policy; the policy adapter (from `adapter_path` when
+    resuming), the anchor adapter, and π_ref as the base with adapters disabled (`fastbond.lora`)."""
+    from fastbond import lora
+
+    policy_source, reference_source = model_sources(config)
+    if reference_source != policy_source:
+        raise FastbondError("model.lora: π_ref is the policy's base with adapters disabled, so model.reference "
+                            f"must be unset or the policy's own directory (got {config.model.reference})")
+    wrapped = lora.attach_adapters(load_policy(config, policy_source, torch.float32, device), config.model.lora)
+    if adapter_path is not None:  # resuming; the anchor adapter comes back with the checkpoint's state
+        lora.load_policy_adapter(wrapped, adapter_path)
+    return Models(
+        tokenizer=tokenizer,
+        policy=wrapped.get_base_model(),
+        reference=lora.AdapterRole(wrapped, None),
+        reward_fn=load_run_reward(config, tokenizer, device, compute_dtype(config)),
+        anchor=lora.AdapterAnchor(wrapped) if needs_anchor else None,
+        adapters=wrapped,
     )
 
 
@@ -134,6 +166,10 @@ class LocalEngine(Engine):
         return self.models
 
     def evaluation_models(self, policy_dir: Path) -> Models:
+        if self.models.adapters is not None:  # LoRA: the exported (merged) policy against a plain π_ref
+            models = load_models(replace_lora(self.config, r=0), policy_dir, self.device)
+            models.policy.eval()
+            return models
         return self.models  # the run's own models: nothing to load again
 
     def autocast(self):
@@ -150,7 +186,15 @@ class LocalEngine(Engine):
         state = {"shared": shared, "own": own, "engine": self.optimizer.state_dict()}
         if self.models.anchor is not None:
             state["anchor"] = self.models.anchor.state_dict()
-        return save_checkpoint(checkpoints_dir, step, self.models.policy, self.models.tokenizer, state, keep=keep)
+        return save_checkpoint(checkpoints_dir, step, self._saved_policy(), self.models.tokenizer, state, keep=keep)
+
+    def _saved_policy(self):
+        """What a checkpoint's policy/ holds: the model, or under LoRA the policy adapter alone."""
+        if self.models.adapters is None:
+            return self.models.policy
+        from fastbond import lora
+
+        return lora.AdapterSaver(self.models.adapters)
 
     def restore(self, checkpoint: Path) -> tuple[int, dict, dict]:
         """The policy's weights came with `build`; optimizer, schedule and anchor come back here."""
@@ -163,4 +207,9 @@ class LocalEngine(Engine):
         return step, state["shared"], state["own"]
 
     def export(self, path: Path) -> None:
+        if self.models.adapters is not None:  # LoRA: a plain from_pretrained model, the adapter merged in
+            from fastbond import lora
+
+            save_pretrained_atomic(lora.merged_policy(self.models.adapters), self.models.tokenizer, path)
+            return
         save_pretrained_atomic(self.models.policy, self.models.tokenizer, path)

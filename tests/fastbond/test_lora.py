@@ -1,0 +1,176 @@
+"""LoRA J-BOND (model.lora.r > 0) on the embedded tiny LM: π_ref is the base with adapters off, the anchor
+adapter is the exact EMA of the policy adapter, checkpoints hold adapters and resume bit for bit, the
+export is a plain merged model, every algorithm runs, and bad keys are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fastbond.config import load_config
+from fastbond.errors import FastbondError
+from fastbond.presets import embedded_preset
+from fastbond.train import setup_run, train, train_step
+
+pytest.importorskip("peft")
+
+LORA = ["model.lora.r=4", "model.lora.alpha=8"]
+TINY = ["steps=2", "rollout.batch_size=4", "rollout.max_new_tokens=8", "evaluation.at_end=false",
+        "logging.progress=false", "cpu_threads=1", *LORA]
+SECTIONS = {
+    "jbond": [],
+    "iterative_bond": ["algorithm.n=4", "algorithm.mc_samples=4", "algorithm.anchor_period=1"],
+    "bond": ["algorithm.n=4", "algorithm.mc_samples=4"],
+    "vbon": ["algorithm.n=4", "algorithm.mc_samples=4"],
+    "bonbon": ["algorithm.n=4"],
+    "rloo": [],
+}
+
+
+def config(tmp_path, *overrides, algorithm="jbond"):
+    return load_config(embedded_preset(), TINY + [f"run_dir={tmp_path / 'run'}", f"algorithm.name={algorithm}",
+                                                  *SECTIONS[algorithm], *overrides])
+
+
+class _Timer:
+    def __call__(self, phase):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def _adapter(run, name):
+    from fastbond.lora import adapter_parameters
+
+    return {n: p.detach().clone() for n, p in adapter_parameters(run.models.adapters, name)}
+
+
+def test_reference_is_the_base_and_the_anchor_the_exact_ema_of_the_policy(tmp_path, embedded_reference, reference):
+    """Three steps by hand: π_ref's log-probs are the untouched base model's; the anchor adapter is
+    θ_anc ← θ_anc + η(θ − θ_anc) of the policy adapter after each step, in fp64 to 1e-6."""
+    from fastbond.logprobs import response_logprobs
+    from fastbond.rollout import encode_prompts, sample
+
+    run = setup_run(config(tmp_path, "algorithm.eta=0.3", "optim.lr=0.05", "optim.warmup_steps=0"))
+    try:
+        eta = run.config.algorithm.eta
+        expected = {n: t.double() for n, t in _adapter(run, "anchor").items()}
+        initial = _adapter(run, "policy")
+        assert expected.keys() == initial.keys() and len(expected) > 0
+        assert all(torch.equal(expected[n].float(), initial[n]) for n in initial)  # the anchor starts at the policy
+        for _ in range(3):
+            train_step(run, _Timer())
+            run.step += 1
+            policy = _adapter(run, "policy")
+            expected = {n: e + eta * (policy[n].double() - e) for n, e in expected.items()}
+        anchor = _adapter(run, "anchor")
+        moved = max(float((policy[n] - anchor[n]).abs().max()) for n in anchor)
+        assert moved > 1e-4  # the anchor trails the policy: not a copy
+        for name, tensor in anchor.items():
+            torch.testing.assert_close(tensor.double(), expected[name], atol=1e-6, rtol=0)
+
+        # π_ref through the run's models equals the base loaded on its own; the policy differs from it.
+        base, tokenizer = reference
+        ids, mask = encode_prompts(tokenizer, ["the movie was"] * 4, 64, torch.device("cpu"))
+        torch.manual_seed(0)
+        samples = sample(base, tokenizer, ids, mask, 8)
+        with torch.no_grad():
+            want = response_logprobs(base, samples, backend="chunked")
+            got = run.ctx.frozen_logps(run.models.reference, samples)
+            policy_logps = run.ctx.frozen_logps(run.models.policy, samples)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert float((policy_logps - want).abs().max()) > 1e-3
+        # the roles switch back: the policy adapter is active and the only trainable tensors
+        trainable = {n for n, p in run.models.policy.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n and ".policy." in n for n in trainable)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def test_checkpoints_hold_adapters_and_resume_exactly(tmp_path, embedded_reference):
+    steps = ["checkpoint.every=2", "algorithm.eta=0.3"]
+    straight = train(config(tmp_path / "a", "steps=4", *steps))
+    train(config(tmp_path / "b", "steps=2", *steps))
+    resumed = train(config(tmp_path / "b", "steps=4", "checkpoint.resume=true", *steps))
+    for run_dir in (straight, resumed):
+        policy = run_dir / "checkpoints" / "step-000004" / "policy"
+        assert (policy / "adapter_config.json").is_file() and not (policy / "model.safetensors").exists()
+    a = load_file(str(straight / "checkpoints" / "step-000004" / "policy" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-000004" / "policy" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state_a = load_file(str(straight / "checkpoints" / "step-000004" / "tensors.safetensors"))
+    state_b = load_file(str(resumed / "checkpoints" / "step-000004" / "tensors.safetensors"))
+    anchors = [k for k in state_a if k.startswith("anchor.")]
+    assert anchors and all(torch.equal(state_a[k], state_b[k]) for k in anchors)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (straight, resumed)]
+    assert losses[0] == losses[1]
+
+
+def test_export_is_a_merged_from_pretrained_model(tmp_path, embedded_reference):
+    from fastbond.logprobs import response_logprobs
+    from fastbond.rollout import encode_prompts, sample
+
+    run = setup_run(config(tmp_path, "optim.lr=0.05", "optim.warmup_steps=0"))
+    try:
+        for _ in range(2):
+            train_step(run, _Timer())
+            run.step += 1
+        out = tmp_path / "exported"
+        run.engine.export(out)
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        tokenizer = run.models.tokenizer
+        ids, mask = encode_prompts(tokenizer, ["the movie was"] * 4, 64, torch.device("cpu"))
+        samples = sample(merged, tokenizer, ids, mask, 8)
+        with torch.no_grad():
+            want = run.ctx.frozen_logps(run.models.policy, samples)
+            got = response_logprobs(merged, samples, backend="chunked")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        # the run goes on with its adapters: exporting merged a copy
+        assert any(".policy." in n for n, _ in run.models.policy.named_parameters())
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+@pytest.mark.parametrize("algorithm", list(SECTIONS))
+def test_every_algorithm_trains_with_lora(tmp_path, embedded_reference, algorithm):
+    run_dir = train(config(tmp_path, algorithm=algorithm))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert (run_dir / "policy" / "model.safetensors").is_file()  # the merged export
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora.target_modules=[nope]"], "config key 'model.lora.target_modules': the model has no module "
+                                           "named 'nope'"),
+    (["model.lora.target_modules=[lm_head]"], "config key 'model.lora.target_modules': 'lm_head' (the LM head "
+                                              "or embeddings) cannot be adapted yet"),
+])
+def test_bad_target_modules_are_one_line(tmp_path, embedded_reference, overrides, message):
+    with pytest.raises(FastbondError) as error:
+        train(config(tmp_path, *overrides))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora.r=-1"], "config key 'model.lora.r' must be >= 0, got -1"),
+    (["model.lora.alpha=0"], "config key 'model.lora.alpha' must be"),
+    (["model.lora.dropout=1"], "config key 'model.lora.dropout' must lie in [0, 1), got 1.0"),
+    (["model.lora.target_modules=q_proj"], "config key 'model.lora.target_modules' must be a list"),
+    (["model.lora.rank=4"], "unknown config key 'model.lora.rank'"),
+    (["engine.kind=deepspeed"], "model.lora runs in one process for now"),
+    (["rollout.engine=vllm"], "model.lora samples with generate for now"),
+])
+def test_bad_lora_keys_are_one_line(overrides, message):
+    with pytest.raises(FastbondError) as error:
+        load_config(None, LORA + overrides, check_paths=False)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
