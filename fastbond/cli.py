@@ -125,15 +125,19 @@ def _run_plan(argv: list[str]) -> int:
     parser.add_argument("--model", help="size the policy from this preset or directory instead of model.policy")
     parser.add_argument("--reference", help="size the reference from this preset or directory")
     parser.add_argument("--reward", help="size the reward model from this preset or directory")
+    parser.add_argument("--gpu-gib", type=float, default=80.0,
+                        help="memory of one GPU in GiB, to say what is left for activations and generation "
+                             "(default 80)")
     args = parser.parse_args(argv)
     from fastbond.config import load_config
-    from fastbond.plan import format_plan, plan_for_config
+    from fastbond.plan import fit_line, format_plan, plan_for_config
     from fastbond.presets import embedded_preset
 
     path, overrides = _split_config_args(args)
     config = load_config(path or embedded_preset(), overrides, check_paths=False)
     plan = plan_for_config(config, args.gpus, model=args.model, reference=args.reference, reward=args.reward)
     print(format_plan(plan, header=f"fastbond plan: {path or 'embedded default'} on {args.gpus} GPU(s)"))
+    print(fit_line(plan, args.gpu_gib))
     return 0
 
 

@@ -74,6 +74,8 @@ class ModelShape:
     source: str  # where the config came from, said in the report
     numels: list[int]  # one entry per distinct parameter tensor (tied tensors once)
     head: tuple[int, int]  # the LM head's [V, H] (the fused path's transient buffers)
+    # (in, out) of every nn.Linear, by the last component of its module name: LoRA's adapter sizes
+    linears: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -92,7 +94,19 @@ def shape_of(model: nn.Module, source: str) -> ModelShape:
     numels = [p.numel() for p in model.parameters()]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    return ModelShape(source, numels, tuple(weight.shape) if weight is not None else (0, 0))
+    linears: dict[str, list[tuple[int, int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linears.setdefault(name.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
+    return ModelShape(source, numels, tuple(weight.shape) if weight is not None else (0, 0), linears)
+
+
+def lora_numel(shape: ModelShape, lora) -> int:
+    """Parameters of one LoRA adapter on `shape`: r·(in + out) per adapted linear layer."""
+    from fastbond.lora import DEFAULT_TARGETS
+
+    targets = lora.target_modules or [t for t in DEFAULT_TARGETS if t in shape.linears]
+    return sum(lora.r * (d_in + d_out) for t in targets for d_in, d_out in shape.linears.get(t, []))
 
 
 def _meta_model(config, classifier: bool) -> nn.Module:
@@ -187,6 +201,10 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
     psi, shard, flat = policy.total, policy.zero3_shard(ranks), policy.flat_partition(ranks)
     offload_opt, offload_par = engine.offload_optimizer, engine.offload_params
 
+    if config.model.lora.r > 0:
+        if ranks > 1:
+            raise FastbondError("model.lora runs in one process for now; plan it with --gpus 1")
+        return _plan_lora(config, policy, reward, needs_anchor)
     if deepspeed:
         title = (f"ZeRO-{stage} on {ranks} rank(s), {dtype}, optimizer offload "
                  f"{'on' if offload_opt else 'off'}, parameter offload {'on' if offload_par else 'off'}")
@@ -241,6 +259,25 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
         plan.notes.append(f"reference: {reference.total:,} parameters ({reference.source})")
     if reward is not None:
         plan.notes.append(f"reward: {reward.total:,} parameters ({reward.source})")
+    plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
+    return plan
+
+
+def _plan_lora(config: TrainConfig, policy: ModelShape, reward: ModelShape | None, needs_anchor: bool) -> Plan:
+    """LoRA J-BOND in one process: the frozen base in the compute dtype, fp32 adapters, no reference model."""
+    c, dtype = DTYPE_BYTES[config.model.dtype], config.model.dtype
+    adapter = lora_numel(policy, config.model.lora)
+    plan = Plan(f"one process, LoRA r={config.model.lora.r}: {dtype} frozen base, fp32 adapters")
+    plan.add(f"base params ({dtype}, frozen; π_ref with adapters off)", c * policy.total)
+    plan.add("policy adapter (fp32)", 4 * adapter)
+    plan.add("policy adapter grads (fp32)", 4 * adapter)
+    plan.add("Adam moments (fp32 m, v)", 8 * adapter)
+    if needs_anchor:
+        plan.add("anchor adapter (fp32, its own EMA state)", 4 * adapter)
+    if reward is not None:
+        plan.add(f"reward ({dtype}, replicated)", c * reward.total)
+    # the LM head is frozen: the fused op computes no weight gradient, so no transient head buffer
+    plan.notes.append(f"policy: {policy.total:,} parameters ({policy.source}); one adapter {adapter:,}")
     plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
     return plan
 
@@ -349,3 +386,15 @@ def format_plan(plan: Plan, header: str = "") -> str:
             lines.append(f"  {row.what:<{width - 2}}{row.device:>17,} {_human(row.device)}")
     lines += [f"  {note}" for note in plan.notes if note.startswith("not counted")]
     return "\n".join(lines)
+
+
+def fit_line(plan: Plan, gpu_gib: float) -> str:
+    """Whether the counted device bytes, with the largest transient buffer, fit one GPU of `gpu_gib` GiB."""
+    device, _ = plan.totals()
+    transient = max((r.device for r in plan.rows if r.transient), default=0)
+    left = gpu_gib * 2**30 - device - transient
+    if left < 0:
+        return (f"does not fit a {gpu_gib:g} GiB GPU: {(device + transient) / 2**30:.1f} GiB counted "
+                "before activations and generation")
+    return (f"fits a {gpu_gib:g} GiB GPU: {(device + transient) / 2**30:.1f} GiB counted (largest transient "
+            f"included), {left / 2**30:.1f} GiB left for activations and the KV cache of generation")

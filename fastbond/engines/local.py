@@ -132,7 +132,7 @@ def replace_lora(config, **changes):
 
 
 def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool, tokenizer) -> Models:
-    """LoRA: one fp32 base from the run's initial policy; the policy adapter (from `adapter_path` when
+    """LoRA: one base (compute dtype) from the run's initial policy; the policy adapter (from `adapter_path` when
     resuming), the anchor adapter, and π_ref as the base with adapters disabled (`fastbond.lora`)."""
     from fastbond import lora
 
@@ -140,7 +140,10 @@ def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool,
     if reference_source != policy_source:
         raise FastbondError("model.lora: π_ref is the policy's base with adapters disabled, so model.reference "
                             f"must be unset or the policy's own directory (got {config.model.reference})")
-    wrapped = lora.attach_adapters(load_policy(config, policy_source, torch.float32, device), config.model.lora)
+    # The base is frozen: it needs no fp32 master copy, so it is held in the compute dtype; PEFT keeps the
+    # adapters (the only trained tensors) in fp32.
+    wrapped = lora.attach_adapters(load_policy(config, policy_source, compute_dtype(config), device),
+                                   config.model.lora)
     if adapter_path is not None:  # resuming; the anchor adapter comes back with the checkpoint's state
         lora.load_policy_adapter(wrapped, adapter_path)
     return Models(

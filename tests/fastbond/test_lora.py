@@ -174,3 +174,38 @@ def test_bad_lora_keys_are_one_line(overrides, message):
     with pytest.raises(FastbondError) as error:
         load_config(None, LORA + overrides, check_paths=False)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_bf16_base_keeps_fp32_adapters(tmp_path, embedded_reference):
+    """The frozen base in the compute dtype (no fp32 master copy), the trained adapters in fp32."""
+    run = setup_run(config(tmp_path, "model.dtype=bfloat16"))
+    try:
+        dtypes = {("lora_" in n): p.dtype for n, p in run.models.policy.named_parameters()}
+        assert dtypes == {False: torch.bfloat16, True: torch.float32}
+        metrics = train_step(run, _Timer())
+        assert torch.isfinite(torch.as_tensor(metrics["loss"]))
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def test_plan_fits_gemma_7b_lora_on_one_80gb_gpu():
+    """`fastbond plan examples/gemma-7b-lora.yaml --gpus 1`: the bf16 base (π_ref too), fp32 adapters and
+    their optimizer state, the reward model; under half of full one-process J-BOND's bytes and room left."""
+    from pathlib import Path
+
+    from fastbond.plan import fit_line, plan_for_config
+
+    example = Path(__file__).parents[2] / "examples" / "gemma-7b-lora.yaml"
+    lora_plan = plan_for_config(load_config(str(example), check_paths=False), 1)
+    full_plan = plan_for_config(load_config(str(example), ["model.lora.r=0"], check_paths=False), 1)
+    lora_bytes, full_bytes = lora_plan.totals()[0], full_plan.totals()[0]
+    assert lora_bytes < 0.5 * full_bytes
+    assert lora_plan.row("base params").device == 2 * 8_537_680_896  # Gemma-7B in bf16, counted once
+    # r = 16 on q, k, v, o (3072 → 4096 → 3072, 16 heads of 256) and gate, up, down (3072 ↔ 24576), 28 layers
+    per_layer = 16 * ((3072 + 4096) * 3 + (4096 + 3072) + (3072 + 24576) * 2 + (24576 + 3072))
+    assert lora_plan.row("policy adapter (fp32)").device == 4 * 28 * per_layer
+    line = fit_line(lora_plan, 80)
+    assert line.startswith("fits a 80 GiB GPU") and float(line.split(", ")[1].split(" GiB")[0]) > 40
+    assert fit_line(full_plan, 80).startswith("does not fit")
+
