@@ -173,7 +173,8 @@ def rollout_engine(config: TrainConfig, engine: Engine):
 
     return VLLMRollout(model_sources(config)[0], compute_dtype(config), engine.device, seed=config.seed,
                        max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                       settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code)
+                       settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code,
+                       gathered=engine.gathered)
 
 
 def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:

@@ -70,6 +70,10 @@ class Engine(ABC):
         """Around sampling from `model`; yields whether `generate` needs synced_gpus."""
         return nullcontext(False)
 
+    def gathered(self, params: list) -> AbstractContextManager:
+        """Around reading whole `params` (a weight push into the rollout engine): ZeRO-3 gathers them."""
+        return nullcontext()
+
     @property
     def batch_sum(self) -> BatchSum | None:
         """Sums a tensor over the ranks that each hold a share of the batch; None in one process."""

@@ -128,7 +128,7 @@ class VLLMRollout:
     """A vLLM engine that samples from whichever model it is handed, with that model's current weights."""
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, *, seed: int,
-                 max_model_len: int, settings, trust_remote_code: bool = False):
+                 max_model_len: int, settings, trust_remote_code: bool = False, gathered=None):
         check_runnable(model_dir, device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: weights pushed in place
         vllm = _import_vllm()
@@ -159,10 +159,10 @@ class VLLMRollout:
             set_threads(threads)
         self.build_s = time.perf_counter() - started
         self._shapes = checkpoint_shapes(model_dir)  # what the engine's weights were built for
+        self._gathered = gathered  # the trainer engine's gathering of ZeRO-3 parameters, for pushes
         self._vllm = vllm
         self._held: nn.Module | None = None
         self._stale = True
-        self._asleep = False
         self._pushes, self._push_s = 0, 0.0
         self._gaps: list[torch.Tensor] = []
         self.worst_gap = 0.0
@@ -182,8 +182,8 @@ class VLLMRollout:
         started = time.perf_counter()
         self._held = None  # a failed push leaves the engine's weights undefined
         try:
-            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=streamed_weights(model),
-                                                                  is_checkpoint_format=True))
+            weights = streamed_weights(model, self._gathered)
+            self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
         except Exception as exc:
             raise FastbondError(f"rollout.engine=vllm: pushing the weights into vLLM failed: {_first_line(exc)}") \
                 from exc

@@ -10,7 +10,8 @@ collective; each rank feeds its own colocated engine, so they do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -35,23 +36,25 @@ def _groups(named: list[tuple[str, nn.Parameter]], group_bytes: int) -> Iterator
         yield group
 
 
-def streamed_weights(model: nn.Module, group_bytes: int = GROUP_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+def streamed_weights(model: nn.Module, gathered: Callable[[list], AbstractContextManager] | None = None,
+                     group_bytes: int = GROUP_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every parameter and persistent buffer of `model`, in checkpoint names.
 
     Tensors are the model's own storage (no copy) outside ZeRO-3; the consumer
     copies them into its weights before asking for the next one. Tied
     parameters appear once, under their first name, as in a checkpoint.
+    `gathered(params)`: the engine's context that makes partitioned
+    parameters whole (`Engine.gathered`); needed only under ZeRO-3.
     """
     named = list(model.named_parameters())
     if not any(_partitioned(p) for _, p in named):
         for name, param in named:
             yield name, param.detach()
     else:
-        import deepspeed
-
+        if gathered is None:
+            raise ValueError("streamed_weights: a ZeRO-3 model needs its engine's `gathered`")
         for group in _groups(named, group_bytes):
-            params = [p for _, p in group if _partitioned(p)]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            with gathered([p for _, p in group]):
                 for name, param in group:
                     yield name, param.detach().reshape(tuple(getattr(param, "ds_shape", param.shape)))
     every_parameter_name = {name for name, _ in model.named_parameters(remove_duplicate=False)}

@@ -107,6 +107,9 @@ class DeepSpeedEngine(Engine):
     def generation(self, model: nn.Module) -> AbstractContextManager[bool]:
         return zero.gathered_for_generation(model, self.config.engine.generation_gather)
 
+    def gathered(self, params: list) -> AbstractContextManager:
+        return zero.gathered_parameters(params)
+
     @property
     def batch_sum(self):
         return _sum_over_ranks

@@ -49,7 +49,7 @@ import os
 import shutil
 import socket
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -425,6 +425,11 @@ def _restore_hooks(owner, start_hook) -> None:
     if start_hook is not None:
         owner.fwd_pre_hook = owner.module.register_forward_pre_hook(start_hook)
     owner._register_deepspeed_module(owner.module)
+
+
+def gathered_parameters(params: list) -> AbstractContextManager:
+    """Whole copies of ZeRO-3 `params` for the block, read-only, released after it; others pass as they are."""
+    return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
 
 
 @contextmanager
