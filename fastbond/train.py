@@ -165,7 +165,7 @@ def setup_run(config: TrainConfig) -> Run:
         raise
 
 
-def rollout_engine(config: TrainConfig, engine: Engine):
+def rollout_engine(config: TrainConfig, engine: Engine, adapters=None):
     """rollout.engine=vllm: this rank's colocated vLLM engine, built now that the process group exists."""
     if config.rollout.engine != "vllm":
         return None
@@ -174,7 +174,7 @@ def rollout_engine(config: TrainConfig, engine: Engine):
     return VLLMRollout(model_sources(config)[0], compute_dtype(config), engine.device, seed=config.seed,
                        max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
                        settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code,
-                       gathered=engine.gathered)
+                       gathered=engine.gathered, adapters=adapters)
 
 
 def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:
@@ -192,7 +192,7 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
     check_prompt_lengths(models.tokenizer, train_prompts, limit, f"data.prompts ({config.data.prompts})")
     check_prompt_lengths(models.tokenizer, eval_prompts, limit, f"data.eval_prompts ({config.data.eval_prompts})")
 
-    vllm = rollout_engine(config, engine)
+    vllm = rollout_engine(config, engine, models.adapters)
     ctx = Context(
         models.policy, models.reference, models.tokenizer, models.reward_fn, models.anchor,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,

@@ -89,8 +89,9 @@ class Context:
                           synced_gpus=synced, row_keys=keys)
 
     def _draw_vllm(self, model: nn.Module, prompts: Prompts, keys: torch.Tensor) -> Samples:
+        # EOS ids from the policy: every role shares its architecture and tokenizer (a LoRA role is no module)
         samples, engine_logps = self.vllm.draw(model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                               keys.tolist(), eos_token_ids(model, self.tokenizer))
+                                               keys.tolist(), eos_token_ids(self.policy, self.tokenizer))
         if self.vllm.checking:  # the trainer's own log-probs of the same tokens
             self.vllm.record_gap(engine_logps, self.frozen_logps(model, samples), samples.response_mask)
         return samples

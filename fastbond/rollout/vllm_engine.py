@@ -128,7 +128,7 @@ class VLLMRollout:
     """A vLLM engine that samples from whichever model it is handed, with that model's current weights."""
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, *, seed: int,
-                 max_model_len: int, settings, trust_remote_code: bool = False, gathered=None):
+                 max_model_len: int, settings, trust_remote_code: bool = False, gathered=None, adapters=None):
         check_runnable(model_dir, device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: weights pushed in place
         vllm = _import_vllm()
@@ -160,6 +160,7 @@ class VLLMRollout:
         self.build_s = time.perf_counter() - started
         self._shapes = checkpoint_shapes(model_dir)  # what the engine's weights were built for
         self._gathered = gathered  # the trainer engine's gathering of ZeRO-3 parameters, for pushes
+        self._adapters = adapters  # model.lora: the PEFT model; each role is pushed with its adapter merged in
         self._vllm = vllm
         self._held: nn.Module | None = None
         self._stale = True
@@ -174,7 +175,7 @@ class VLLMRollout:
         """After an optimizer step or anchor update: the next draw pushes the weights again."""
         self._stale = True
 
-    def hold(self, model: nn.Module) -> None:
+    def hold(self, model) -> None:
         """Make the engine hold `model`'s current weights: pushed unless it already holds them."""
         if self._held is model and not self._stale:
             return
@@ -182,7 +183,7 @@ class VLLMRollout:
         started = time.perf_counter()
         self._held = None  # a failed push leaves the engine's weights undefined
         try:
-            weights = streamed_weights(model, self._gathered)
+            weights = self._weights(model)
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
         except Exception as exc:
             raise FastbondError(f"rollout.engine=vllm: pushing the weights into vLLM failed: {_first_line(exc)}") \
@@ -192,13 +193,26 @@ class VLLMRollout:
         self._pushes += 1
         self._push_s += time.perf_counter() - started
 
+    def _weights(self, model):
+        if self._adapters is None:
+            return streamed_weights(model, self._gathered)
+        from fastbond import lora
+
+        return lora.merged_weights(self._adapters, lora.adapter_of(self._adapters, model))
+
+    def _named_shapes(self, model) -> dict[str, tuple[int, ...]]:
+        if self._adapters is None:
+            return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+        from fastbond import lora
+
+        return lora.merged_shapes(self._adapters)
+
     def _check_shapes(self, model: nn.Module) -> None:
         """Refuse, before pushing, weights the engine was not built for: a push with a wrong shape
         leaves vLLM's weights on the meta device and the engine unusable until rebuilt."""
         if self._shapes is None:
             return
-        for name, param in model.named_parameters():
-            shape = tuple(getattr(param, "ds_shape", param.shape))
+        for name, shape in self._named_shapes(model).items():
             if name not in self._shapes:
                 raise FastbondError(f"rollout.engine=vllm: the model has a weight '{name}' that the engine's "
                                     "checkpoint does not; only models of the policy's architecture can be sampled")

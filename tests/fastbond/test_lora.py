@@ -168,7 +168,6 @@ def test_bad_target_modules_are_one_line(tmp_path, embedded_reference, overrides
     (["model.lora.target_modules=q_proj"], "config key 'model.lora.target_modules' must be a list"),
     (["model.lora.rank=4"], "unknown config key 'model.lora.rank'"),
     (["engine.kind=deepspeed"], "model.lora runs in one process for now"),
-    (["rollout.engine=vllm"], "model.lora samples with generate for now"),
 ])
 def test_bad_lora_keys_are_one_line(overrides, message):
     with pytest.raises(FastbondError) as error:

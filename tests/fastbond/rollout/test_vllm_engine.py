@@ -257,6 +257,23 @@ def test_training_with_vllm_rollouts_logs_the_gap_and_the_pushes(tmp_path, fastb
         assert math.isfinite(record["loss"])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="model.lora needs peft")
+def test_lora_roles_are_pushed_with_their_adapter_merged(tmp_path, fastbond_cache):
+    """LoRA J-BOND on vLLM: the policy and the anchor are the base with their own adapter merged in.
+    After step 1 the two adapters differ, so a wrong merge (or none) shows as a gap at step 2."""
+    from fastbond.metrics_log import read_metrics
+
+    run_dir = tmp_path / "run"
+    done = _train(fastbond_cache, f"run_dir={run_dir}", "model.lora.r=8", "model.lora.alpha=16", "optim.lr=0.05",
+                  "optim.warmup_steps=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["kl_anchor"] != 0.0  # the anchor adapter trails the moved policy adapter
+    for record in records:
+        assert record["rollout/logp_gap_max"] < 1e-4 and record["rollout/weight_pushes"] == 2
+
+
 def test_a_gap_over_the_threshold_stops_the_run_with_one_line(tmp_path, fastbond_cache):
     done = _train(fastbond_cache, f"run_dir={tmp_path / 'run'}", "rollout.vllm.max_logp_gap=1e-12")
     assert done.returncode == 2, done.stderr[-3000:]
