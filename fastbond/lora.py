@@ -182,10 +182,6 @@ class AdapterSaver:
         save_policy_adapter(self.wrapped, Path(path))
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 @torch.no_grad()
 def load_policy_adapter(wrapped, path: Path) -> None:
     """The policy adapter's tensors from a directory `save_policy_adapter` wrote."""

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbond.checkpoint import rng_state, set_rng_state
 from fastbond.errors import FastbondError
 from fastbond.rollout.generate import response_mask_from
 from fastbond.rollout.samples import Prompts, Samples
@@ -81,27 +82,18 @@ def check_runnable(model_dir: str | Path, device: torch.device) -> None:
             f"{model_dir}); it supports {', '.join(map(str, CPU_HEAD_SIZES))}: use rollout.engine=generate")
 
 
-def _rng_state() -> dict:
-    import random
-
+def _rng_state() -> tuple:
+    """The trainer's generators (torch, CUDA, Python: what checkpoints save) and NumPy's, which vLLM reseeds too."""
     import numpy as np
 
-    state = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return rng_state(), np.random.get_state()
 
 
-def _set_rng_state(state: dict) -> None:
-    import random
-
+def _set_rng_state(state: tuple) -> None:
     import numpy as np
 
-    torch.set_rng_state(state["cpu"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_rng_state(state[0])
+    np.random.set_state(state[1])
 
 
 def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]] | None:
@@ -147,7 +139,6 @@ class VLLMRollout:
             kwargs.update(gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=int(settings.cpu_kv_cache_gib * 2**30))
-        started = time.perf_counter()
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
@@ -157,7 +148,6 @@ class VLLMRollout:
             _set_rng_state(rng)  # LLM(seed=…) reseeds the global generator; training draws from it
             torch.set_num_threads = set_threads  # vLLM replaces it with a no-op
             set_threads(threads)
-        self.build_s = time.perf_counter() - started
         self._shapes = checkpoint_shapes(model_dir)  # what the engine's weights were built for
         self._gathered = gathered  # the trainer engine's gathering of ZeRO-3 parameters, for pushes
         self._adapters = adapters  # model.lora: the PEFT model; each role is pushed with its adapter merged in
