@@ -111,14 +111,22 @@ class ShardedEMAAnchor:
     """
 
     def __init__(self, policy: nn.Module, model: nn.Module, dtype: torch.dtype, release=None):
-        self.model = model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
+        self._setup(list(policy.named_parameters()), list(model.named_parameters()), model, dtype, release)
+
+    def _setup(self, policy_named: list, anchor_named: list, model, dtype: torch.dtype, release) -> None:
+        """The EMA of the tensors `policy_named` into `anchor_named` ((name, parameter) lists, one per tensor,
+        in the same order); `model` is what samples as the anchor. The policy's parameters are fixed here."""
+        self.model = model
         self.dtype = dtype
         self._release = release
-        self._names = [name for name, _ in model.named_parameters()]
-        self._params = [local_tensor(p) for p in model.parameters()]
-        self._check_alignment(policy, model)
-        self.sharded = any(hasattr(p, "ds_tensor") for p in model.parameters())
-        policy_locals = self._policy_locals(policy)
+        self.anchor_parameters = anchor_named  # (name, parameter) of what the EMA writes
+        self._names = [name for name, _ in anchor_named]
+        self._params = [local_tensor(p) for _, p in anchor_named]
+        self._check_alignment(policy_named, anchor_named)
+        self._policy = [p for _, p in policy_named]
+        self.sharded = any(hasattr(p, "ds_tensor") for _, p in anchor_named)
+        policy_locals = self._policy_locals()
         with torch.no_grad():
             if all(t.dtype == torch.float32 for t in self._params):
                 self.state = self._params  # an fp32 anchor is its own EMA state
@@ -133,10 +141,9 @@ class ShardedEMAAnchor:
     # ------------------------------------------------------------------ checks
 
     @staticmethod
-    def _check_alignment(policy: nn.Module, model: nn.Module) -> None:
+    def _check_alignment(policy_named: list, anchor_named: list) -> None:
         """Same names, shapes, and (ZeRO-3) the same local shard of each tensor, or a one-line error."""
-        ours = list(model.named_parameters())
-        theirs = list(policy.named_parameters())
+        ours, theirs = anchor_named, policy_named
         if len(ours) != len(theirs):
             raise FastbondError(f"anchor has {len(ours)} parameter tensors but the policy {len(theirs)}")
         for (name, a), (policy_name, p) in zip(ours, theirs):
@@ -171,11 +178,9 @@ class ShardedEMAAnchor:
                         f"anchor '{name}' is shard {ranks[0]} of {ranks[1]}, the policy's {policy_ranks[0]} of {policy_ranks[1]}"
                     )
 
-    def _policy_locals(self, policy: nn.Module) -> list[torch.Tensor]:
-        locals_ = [local_tensor(p).detach() for p in policy.parameters()]
-        if len(locals_) != len(self._params):
-            raise FastbondError(f"anchor has {len(self._params)} parameter tensors but the policy {len(locals_)}")
-        return locals_
+    def _policy_locals(self) -> list[torch.Tensor]:
+        # local_tensor each time: DeepSpeed may re-point a shard's storage after construction
+        return [local_tensor(p).detach() for p in self._policy]
 
     def _invalidate_gathered(self) -> None:
         if self._release is not None:
@@ -190,8 +195,9 @@ class ShardedEMAAnchor:
 
     @torch.no_grad()
     def update(self, policy: nn.Module, eta: float) -> None:
-        """θ_anc ← θ_anc + η (θ − θ_anc) on the local shards, in place; no collective."""
-        ema_(self.state, self._policy_locals(policy), eta, shadow=self.shadow)
+        """θ_anc ← θ_anc + η (θ − θ_anc) on the local shards, in place; no collective. `policy`: the
+        module given at construction (its parameters were fixed there), kept for `EMAAnchor`'s interface."""
+        ema_(self.state, self._policy_locals(), eta, shadow=self.shadow)
         self._invalidate_gathered()
 
     @torch.no_grad()

@@ -540,8 +540,6 @@ def _lora(config: TrainConfig, check_environment: bool) -> None:
                 f"{lora.target_modules!r}")
     if lora.r == 0:
         return
-    require(config.engine.kind != "deepspeed", "model.lora runs in one process for now: "
-            "engine.kind=deepspeed with model.lora.r > 0 is not supported yet")
     if check_environment:
         require(importlib.util.find_spec("peft") is not None,
                 "config key 'model.lora.r': LoRA needs the peft package, which is not installed: "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastbond.kernels.linear_logprobs import linear_logprobs
+from fastbond.lora import head_weight
 from fastbond.models import final_hidden_states, final_logit_softcap, lm_head
 from fastbond.rollout import Samples
 
@@ -72,7 +73,7 @@ def through_lm_head(model: nn.Module, function: Callable[..., object], *args):
     softcap = final_logit_softcap(model)
 
     def forward(*inner):
-        return function(LMHead(head.weight, getattr(head, "bias", None), softcap), *inner)
+        return function(LMHead(head_weight(head), getattr(head, "bias", None), softcap), *inner)
 
     return call_as_forward(head, forward, *args) if is_zero3_partitioned(head) else forward(*args)
 

@@ -18,20 +18,21 @@ so the fused log-prob ops see the plain head.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastbond.anchor import ShardedEMAAnchor
 from fastbond.errors import FastbondError
-from fastbond.kernels.ema import ema_
 
 POLICY, ANCHOR = "policy", "anchor"
 ADAPTER_FILE = "adapter_model.safetensors"
 # Attention and MLP projections of the Llama / Gemma / Mistral / Qwen families.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-HEAD_NAMES = ("lm_head", "embed_tokens", "wte", "embed_out")
+# Input-embedding names (refused as targets even where get_input_embeddings() says otherwise).
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings")
 
 
 def _import_peft():
@@ -43,6 +44,10 @@ def _import_peft():
     return peft
 
 
+def _names_of(model: nn.Module, module: nn.Module | None) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if module is not None and m is module}
+
+
 def target_modules(lora_config, model: nn.Module) -> list[str]:
     """The configured targets, or the default projections this model has; one-line errors for bad ones."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -50,14 +55,53 @@ def target_modules(lora_config, model: nn.Module) -> list[str]:
     if not targets:
         raise FastbondError("config key 'model.lora.target_modules': this model has none of the default "
                             f"projections ({', '.join(DEFAULT_TARGETS)}); name its linear layers")
+    embeddings = _names_of(model, model.get_input_embeddings()) | {n for n in EMBEDDING_NAMES if n in names}
+    heads = _names_of(model, model.get_output_embeddings())
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for target in targets:
-        if target in HEAD_NAMES:
-            raise FastbondError(f"config key 'model.lora.target_modules': '{target}' (the LM head or embeddings) "
-                                "cannot be adapted yet; the fused log-prob ops read the head's weight directly")
+        if target in embeddings:
+            raise FastbondError(f"config key 'model.lora.target_modules': '{target}' (the input embeddings) cannot "
+                                "be adapted; adapt the projections, or the LM head of a model with an untied head")
+        if target in heads and tied:
+            raise FastbondError(f"config key 'model.lora.target_modules': '{target}' is tied to the input "
+                                "embeddings (tie_word_embeddings): an adapter on it would leave them apart")
         if target not in names:
             raise FastbondError(f"config key 'model.lora.target_modules': the model has no module named "
                                 f"'{target}' (it has e.g. {', '.join(sorted(n for n in names if n)[:8])})")
     return targets
+
+
+def adapts_head(model: nn.Module) -> bool:
+    """Whether the model's LM head carries a LoRA adapter."""
+    return hasattr(model.get_output_embeddings(), "lora_A")
+
+
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The LM head's weight as the model's forward applies it: for a head with a LoRA adapter (`lm_head` in
+    model.lora.target_modules), W + scaling·B·A of its active adapter, differentiable in the adapter — what
+    the fused log-prob ops read instead of the module (they never call the head's forward). The adapter's
+    dropout is not applied there: the fused path sees the merged head. Any other head: its weight."""
+    if not (hasattr(head, "base_layer") and hasattr(head, "lora_A")):
+        return head.weight
+    weight = head.base_layer.weight
+    if head.disable_adapters or head.merged:
+        return weight
+    merged = weight
+    for adapter in head.active_adapters:
+        if adapter in head.lora_A:
+            merged = merged + head.get_delta_weight(adapter)
+    return merged.to(weight.dtype)
+
+
+def base_source(config) -> str:
+    """Where the base comes from (the run's initial policy); π_ref is that base, so no other reference."""
+    from fastbond.models import model_sources
+
+    policy_source, reference_source = model_sources(config)
+    if reference_source != policy_source:
+        raise FastbondError("model.lora: π_ref is the policy's base with adapters disabled, so model.reference "
+                            f"must be unset or the policy's own directory (got {config.model.reference})")
+    return policy_source
 
 
 def attach_adapters(model: nn.Module, lora_config):
@@ -72,6 +116,11 @@ def attach_adapters(model: nn.Module, lora_config):
             anchor[1].copy_(policy[1])
     wrapped.set_adapter(POLICY)  # also makes "policy" the trainable adapter, "anchor" frozen
     return wrapped
+
+
+def is_policy_adapter(name: str) -> bool:
+    """Whether a parameter name (of the base model with adapters injected) is a tensor of the policy adapter."""
+    return "lora_" in name and f".{POLICY}." in name
 
 
 def adapter_parameters(wrapped, adapter: str) -> list[tuple[str, nn.Parameter]]:
@@ -117,51 +166,33 @@ class AdapterRole:
         return self.module.parameters()
 
 
-class AdapterAnchor:
-    """The anchor adapter, following the policy adapter by an EMA: `EMAAnchor`'s interface, adapters only.
+class AdapterAnchor(ShardedEMAAnchor):
+    """The anchor adapter, following the policy adapter by an EMA: `ShardedEMAAnchor` over adapter tensors only.
 
-    The adapters live in the policy's fp32 model, so the anchor's tensors are
-    their own fp32 state (no shadow copy) and the EMA reads and writes
-    adapter tensors alone: r·(d_in + d_out) per adapted layer.
+    r·(d_in + d_out) per adapted layer is read and written, nothing of the
+    base. In one process the adapters are fp32 (the policy's master weights),
+    so the anchor adapter is its own EMA state; under DeepSpeed the adapters
+    are held in the compute dtype like the base, partitioned like it (ZeRO-3),
+    and the fp32 state is a separate local shard. Both adapters have the same
+    shapes and are partitioned tensor by tensor, so shard r of the anchor's
+    covers the same elements as shard r of the policy's: the EMA is local, no
+    collective. `release`: under ZeRO-3, drops the gathered copies of the
+    shared model after each update (their anchor adapter would be stale).
     """
 
-    def __init__(self, wrapped):
-        self.model = AdapterRole(wrapped, ANCHOR)
-        named = adapter_parameters(wrapped, ANCHOR)
-        self.names = [name for name, _ in named]
-        self.state = [param for _, param in named]
-        policy = dict(adapter_parameters(wrapped, POLICY))
-        self._policy = [policy[name] for name in self.names]
-        if any(t.dtype != torch.float32 for t in self.state):
-            raise FastbondError("LoRA anchor: adapters must be fp32 (the policy's master weights are)")
-
-    shadow = None
-
-    @torch.no_grad()
-    def update(self, policy: nn.Module, eta: float) -> None:
-        """θ_anc ← θ_anc + η (θ − θ_anc) over the adapter tensors, in place, fused."""
-        ema_(self.state, [p.detach() for p in self._policy], eta)
-
-    @torch.no_grad()
-    def reset_to(self, policy: nn.Module) -> None:
-        """Hard anchor update (iterative BOND): the anchor adapter ← the policy adapter."""
-        self.update(policy, 1.0)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().float().contiguous() for name, tensor in zip(self.names, self.state)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise KeyError(f"anchor state lacks {missing[0]}")
-        for name, tensor in zip(self.names, self.state):
-            tensor.copy_(state[name])
+    def __init__(self, wrapped, dtype: torch.dtype = torch.float32, release=None):
+        self._setup(adapter_parameters(wrapped, POLICY), adapter_parameters(wrapped, ANCHOR),
+                    AdapterRole(wrapped, ANCHOR), dtype, release)
 
 
-def save_policy_adapter(wrapped, path: Path, tokenizer=None) -> None:
-    """The policy adapter in PEFT's format, with the base's config.json beside it (what a checkpoint holds)."""
-    wrapped.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True)
+def save_policy_adapter(wrapped, path: Path, tokenizer=None, state: dict | None = None) -> None:
+    """The policy adapter in PEFT's format, with the base's config.json beside it (what a checkpoint holds).
+
+    `state`: the adapter's whole tensors by the base model's parameter names (under DeepSpeed, consolidated
+    on the writing rank: the live tensors are shards); by default the live tensors.
+    """
+    extra = {} if state is None else {"state_dict": {f"base_model.model.{k}": v for k, v in state.items()}}
+    wrapped.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True, **extra)
     nested = path / POLICY  # PEFT puts a non-default adapter in a sub-directory: bring it up
     if nested.is_dir():
         for item in nested.iterdir():
@@ -208,38 +239,54 @@ def adapter_of(wrapped, model) -> str | None:
 
 def merged_shapes(wrapped) -> dict[str, tuple[int, ...]]:
     """Checkpoint name → shape of every weight of the base, as a plain transformers model names them."""
-    return {_checkpoint_name(name): tuple(p.shape) for name, p in wrapped.get_base_model().named_parameters()
-            if "lora_" not in name}
+    return {_checkpoint_name(name): tuple(getattr(p, "ds_shape", p.shape))
+            for name, p in wrapped.get_base_model().named_parameters() if "lora_" not in name}
 
 
 def _checkpoint_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().reshape(tuple(getattr(param, "ds_shape", param.shape)))
+
+
 @torch.no_grad()
-def merged_weights(wrapped, adapter: str | None):
+def merged_weights(wrapped, adapter: str | None, gathered=None):
     """(checkpoint name, tensor) of the base with `adapter` merged in (None: the base alone), one weight at a
-    time: what an inference engine without this model's adapters loads (`rollout.engine=vllm`)."""
+    time: what an inference engine without this model's adapters loads (`rollout.engine=vllm`), and the
+    merged export. W + ΔW is summed in fp32 and rounded once to W's dtype.
+
+    `gathered(params)`: the engine's context that makes ZeRO-3 parameters whole (`Engine.gathered`); each
+    adapted weight is gathered with its adapter's two factors. Every rank must consume the stream to the end,
+    in step (each gather is a collective). Yielded tensors may be the model's own storage or a gathered copy
+    released at the next step: copy before asking for the next one.
+    """
     from peft.tuners.lora import LoraLayer
 
     base = wrapped.get_base_model()
     layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    gather = gathered or (lambda params: nullcontext())
     for name, param in base.named_parameters():
         if "lora_" in name:
             continue
         module_name, _, leaf = name.rpartition(".base_layer.")
-        if adapter is not None and module_name in layers and leaf == "weight":
-            delta = layers[module_name].get_delta_weight(adapter)
-            yield _checkpoint_name(name), param.detach() + delta.to(param.dtype)
-        else:
-            yield _checkpoint_name(name), param.detach()
+        layer = layers.get(module_name) if adapter is not None and leaf == "weight" else None
+        if layer is None:
+            with gather([param]):
+                yield _checkpoint_name(name), _whole(param)
+            continue
+        factors = [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+        with gather([param, *factors]):
+            merged = _whole(param).float() + layer.get_delta_weight(adapter).float()
+            yield _checkpoint_name(name), merged.to(param.dtype)
 
 
-def merged_policy(wrapped) -> nn.Module:
-    """A plain transformers model: the base with the policy adapter merged in (a copy; the run goes on)."""
-    import copy
-
-    clone = copy.deepcopy(wrapped)
-    clone.delete_adapter(ANCHOR)
-    return clone.merge_and_unload()
-
+def merged_state_dict(wrapped, gathered=None, keep: bool = True) -> dict[str, torch.Tensor] | None:
+    """The base with the policy adapter merged in, whole, on the CPU: a plain transformers model's state dict.
+    Under ZeRO-3 every rank must call it (the gathers are collectives); `keep=False` ranks get None."""
+    state = {}
+    for name, tensor in merged_weights(wrapped, POLICY, gathered):
+        if keep:
+            state[name] = tensor.to("cpu", copy=True)
+    return state if keep else None

@@ -101,12 +101,18 @@ def shape_of(model: nn.Module, source: str) -> ModelShape:
     return ModelShape(source, numels, tuple(weight.shape) if weight is not None else (0, 0), linears)
 
 
-def lora_numel(shape: ModelShape, lora) -> int:
-    """Parameters of one LoRA adapter on `shape`: r·(in + out) per adapted linear layer."""
+def lora_shape(shape: ModelShape, lora) -> ModelShape:
+    """The tensors of one LoRA adapter on `shape`: A [r, in] and B [out, r] per adapted linear layer."""
     from fastbond.lora import DEFAULT_TARGETS
 
     targets = lora.target_modules or [t for t in DEFAULT_TARGETS if t in shape.linears]
-    return sum(lora.r * (d_in + d_out) for t in targets for d_in, d_out in shape.linears.get(t, []))
+    numels = [n for t in targets for d_in, d_out in shape.linears.get(t, []) for n in (lora.r * d_in, d_out * lora.r)]
+    return ModelShape(f"LoRA r={lora.r} on {', '.join(targets)}", numels, (0, 0))
+
+
+def lora_numel(shape: ModelShape, lora) -> int:
+    """Parameters of one LoRA adapter on `shape`: r·(in + out) per adapted linear layer."""
+    return lora_shape(shape, lora).total
 
 
 def _meta_model(config, classifier: bool) -> nn.Module:
@@ -202,9 +208,7 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
     offload_opt, offload_par = engine.offload_optimizer, engine.offload_params
 
     if config.model.lora.r > 0:
-        if ranks > 1:
-            raise FastbondError("model.lora runs in one process for now; plan it with --gpus 1")
-        return _plan_lora(config, policy, reward, needs_anchor)
+        return _plan_lora(config, ranks, stage if deepspeed else None, policy, reward, needs_anchor)
     if deepspeed:
         title = (f"ZeRO-{stage} on {ranks} rank(s), {dtype}, optimizer offload "
                  f"{'on' if offload_opt else 'off'}, parameter offload {'on' if offload_par else 'off'}")
@@ -263,21 +267,52 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
     return plan
 
 
-def _plan_lora(config: TrainConfig, policy: ModelShape, reward: ModelShape | None, needs_anchor: bool) -> Plan:
-    """LoRA J-BOND in one process: the frozen base in the compute dtype, fp32 adapters, no reference model."""
+def _plan_lora(config: TrainConfig, ranks: int, stage: int | None, policy: ModelShape, reward: ModelShape | None,
+               needs_anchor: bool) -> Plan:
+    """LoRA J-BOND: the frozen base in the compute dtype and two adapters; no reference model (π_ref is the
+    base). One process (`stage` None): fp32 adapters, the anchor's its own EMA state. DeepSpeed: the table of
+    the module docstring with Ψ the adapter's size, plus the base (sharded at ZeRO-3, like the rest)."""
     c, dtype = DTYPE_BYTES[config.model.dtype], config.model.dtype
-    adapter = lora_numel(policy, config.model.lora)
-    plan = Plan(f"one process, LoRA r={config.model.lora.r}: {dtype} frozen base, fp32 adapters")
-    plan.add(f"base params ({dtype}, frozen; π_ref with adapters off)", c * policy.total)
-    plan.add("policy adapter (fp32)", 4 * adapter)
-    plan.add("policy adapter grads (fp32)", 4 * adapter)
-    plan.add("Adam moments (fp32 m, v)", 8 * adapter)
-    if needs_anchor:
-        plan.add("anchor adapter (fp32, its own EMA state)", 4 * adapter)
+    adapter = lora_shape(policy, config.model.lora)
+    a = adapter.total
+    base_row = f"base params ({dtype}, frozen; π_ref with adapters off)"
+    if stage is None:
+        plan = Plan(f"one process, LoRA r={config.model.lora.r}: {dtype} frozen base, fp32 adapters")
+        plan.add(base_row, c * policy.total)
+        plan.add("policy adapter (fp32)", 4 * a)
+        plan.add("policy adapter grads (fp32)", 4 * a)
+        plan.add("Adam moments (fp32 m, v)", 8 * a)
+        if needs_anchor:
+            plan.add("anchor adapter (fp32, its own EMA state)", 4 * a)
+    else:
+        offload_opt, offload_par = config.engine.offload_optimizer, config.engine.offload_params
+        plan = Plan(f"ZeRO-{stage} on {ranks} rank(s), LoRA r={config.model.lora.r}: {dtype} frozen base and "
+                    f"adapters, optimizer offload {'on' if offload_opt else 'off'}, parameter offload "
+                    f"{'on' if offload_par else 'off'}")
+        shard, flat = adapter.zero3_shard(ranks), adapter.flat_partition(ranks)
+        local = shard if stage == 3 else a
+        plan.add(base_row, c * (policy.zero3_shard(ranks) if stage == 3 else policy.total), on_host=offload_par)
+        plan.add(f"policy adapter ({dtype})", c * local, on_host=offload_par)
+        plan.add(f"policy adapter grads ({dtype})", c * {0: a, 1: a, 2: flat, 3: shard}[stage])
+        opt_part = a if stage == 0 else (shard if stage == 3 else flat)
+        if offload_opt:
+            plan.add("fp32 gradient partition (offload)", 4 * opt_part, on_host=True)
+        plan.add("fp32 master weights", 0 if (c == 4 and stage == 0) else 4 * opt_part, on_host=offload_opt)
+        plan.add("Adam moments (fp32 m, v)", 8 * opt_part, on_host=offload_opt)
+        if needs_anchor:
+            plan.add(f"anchor adapter ({dtype})", c * local, on_host=offload_par)
+            plan.add("anchor EMA state (fp32)", 4 * local if c != 4 else 0, on_host=offload_par)
+        if stage == 3:
+            plan.add("generation: whole policy gathered once", c * (policy.total + 2 * a), transient=True)
+            vocab, hidden = policy.head
+            plan.add("fused LM head: gathered weight", c * vocab * hidden, transient=True)
     if reward is not None:
-        plan.add(f"reward ({dtype}, replicated)", c * reward.total)
+        sharded = stage is not None and _sharding(config) == "zero3"
+        count = reward.zero3_shard(ranks) if sharded else reward.total
+        plan.add(f"reward ({dtype}, {'ZeRO-3 shard' if sharded else 'replicated'})", c * count,
+                 on_host=sharded and config.engine.offload_params)
     # the LM head is frozen: the fused op computes no weight gradient, so no transient head buffer
-    plan.notes.append(f"policy: {policy.total:,} parameters ({policy.source}); one adapter {adapter:,}")
+    plan.notes.append(f"policy: {policy.total:,} parameters ({policy.source}); one adapter {a:,}")
     plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
     return plan
 
@@ -323,7 +358,8 @@ def _split(tensors) -> tuple[int, int]:
 
 
 def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.Module | None = None,
-                  reward: nn.Module | None = None, on_accelerator: bool = True, masters=None) -> Plan:
+                  reward: nn.Module | None = None, on_accelerator: bool = True, masters=None,
+                  adapters=None) -> Plan:
     """The plan's rows read off live tensors of this rank (shards under ZeRO-3).
 
     `optimizer`: the torch optimizer that steps (its state holds the moments).
@@ -331,7 +367,8 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
     in its parameter groups (DeepSpeed hands ZeRO-3's flat partitions to it
     only during a step); by default its parameters, minus the policy's own
     storage. With `on_accelerator=False` (a CPU run) everything counts as
-    device memory.
+    device memory. `adapters` (LoRA): `policy` is the base with both adapters
+    injected; its rows are the base, the policy adapter and the anchor adapter.
     """
     plan = Plan("measured on this rank")
 
@@ -341,8 +378,13 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
             device, host = device + host, 0
         plan.rows.append(Row(what, device, host))
 
-    params = [_local(p) for p in policy.parameters()]
-    add("policy params", params)
+    if adapters is None:
+        add("policy params", [_local(p) for p in policy.parameters()])
+    else:
+        from fastbond.lora import POLICY, adapter_parameters
+
+        add("base params", [_local(p) for name, p in policy.named_parameters() if "lora_" not in name])
+        add("policy adapter", [_local(p) for _, p in adapter_parameters(adapters, POLICY)])
     if optimizer is not None:
         own = {_local(p).untyped_storage().data_ptr() for p in policy.parameters()}
         if masters is None:
@@ -351,7 +393,10 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
         add("Adam moments (fp32 m, v)", [v for state in optimizer.state.values() for v in state.values()
                                          if isinstance(v, torch.Tensor) and v.dim() > 0])
     if anchor is not None:
-        add("anchor params", [_local(p) for p in anchor.model.parameters()])
+        if adapters is None:
+            add("anchor params", [_local(p) for p in anchor.model.parameters()])
+        else:
+            add("anchor adapter", [_local(p) for _, p in anchor.anchor_parameters])
         add("anchor EMA state (fp32)", [] if anchor.shadow is None else anchor.state)
     if reference is not None:
         add("reference", [_local(p) for p in reference.parameters()])

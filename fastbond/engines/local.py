@@ -91,11 +91,12 @@ class TorchOptimizer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer, path: Path) -> Path:
-    """`model` (and its tokenizer) in transformers format, safetensors, replacing `path` in one rename."""
+def save_pretrained_atomic(model: nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> Path:
+    """`model` (and its tokenizer) in transformers format, safetensors, replacing `path` in one rename.
+    `state_dict`: the tensors to write instead of the model's own (a merged LoRA policy)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
@@ -131,18 +132,22 @@ def replace_lora(config, **changes):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
 
 
+def exported_models(config, policy_dir: Path, device: torch.device) -> Models:
+    """One-process models that judge an exported policy against π_ref. A LoRA run exports the merged
+    model, judged as a plain one (its π_ref: the base, loaded from the run's initial policy)."""
+    models = load_models(replace_lora(config, r=0), policy_dir, device)
+    models.policy.eval()
+    return models
+
+
 def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool, tokenizer) -> Models:
     """LoRA: one base (compute dtype) from the run's initial policy; the policy adapter (from `adapter_path` when
     resuming), the anchor adapter, and π_ref as the base with adapters disabled (`fastbond.lora`)."""
     from fastbond import lora
 
-    policy_source, reference_source = model_sources(config)
-    if reference_source != policy_source:
-        raise FastbondError("model.lora: π_ref is the policy's base with adapters disabled, so model.reference "
-                            f"must be unset or the policy's own directory (got {config.model.reference})")
     # The base is frozen: it needs no fp32 master copy, so it is held in the compute dtype; PEFT keeps the
     # adapters (the only trained tensors) in fp32.
-    wrapped = lora.attach_adapters(load_policy(config, policy_source, compute_dtype(config), device),
+    wrapped = lora.attach_adapters(load_policy(config, lora.base_source(config), compute_dtype(config), device),
                                    config.model.lora)
     if adapter_path is not None:  # resuming; the anchor adapter comes back with the checkpoint's state
         lora.load_policy_adapter(wrapped, adapter_path)
@@ -170,9 +175,7 @@ class LocalEngine(Engine):
 
     def evaluation_models(self, policy_dir: Path) -> Models:
         if self.models.adapters is not None:  # LoRA: the exported (merged) policy against a plain π_ref
-            models = load_models(replace_lora(self.config, r=0), policy_dir, self.device)
-            models.policy.eval()
-            return models
+            return exported_models(self.config, policy_dir, self.device)
         return self.models  # the run's own models: nothing to load again
 
     def autocast(self):
@@ -213,6 +216,7 @@ class LocalEngine(Engine):
         if self.models.adapters is not None:  # LoRA: a plain from_pretrained model, the adapter merged in
             from fastbond import lora
 
-            save_pretrained_atomic(lora.merged_policy(self.models.adapters), self.models.tokenizer, path)
+            merged = lora.merged_state_dict(self.models.adapters)
+            save_pretrained_atomic(self.models.policy, self.models.tokenizer, path, state_dict=merged)
             return
         save_pretrained_atomic(self.models.policy, self.models.tokenizer, path)

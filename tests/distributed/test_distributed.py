@@ -182,13 +182,34 @@ def test_export_loads_with_from_pretrained_and_matches_gathered_weights(launch):
         assert torch.equal(weight.to(torch.bfloat16).float(), gathered[name]), name
 
 
-@pytest.mark.parametrize("case", ["zero3_bfloat16", "zero3_float32", "zero2_bfloat16", "zero1_float32"])
+@pytest.mark.parametrize("stage", [3, 2, 1, 0])
+def test_lora_under_zero_matches_one_process(launch, stage):
+    """LoRA J-BOND's pieces under ZeRO-`stage` on 2 ranks against one process: the policy adapter steps as
+    TorchOptimizer's on the whole batch, the anchor adapter's fp32 state is the EMA of it (shard-local,
+    no collective), the anchor's and π_ref's forwards agree, and the base does not move."""
+    for result in results(launch, f"lora_zero{stage}"):
+        assert result["sharded"] is (stage == 3)
+        assert result["ema_collectives"] == []
+        assert result["trainable_all_policy_adapter"]
+        assert result["base_diff"] == 0.0
+        assert result["anchor_trails_policy"] > 1e-3  # the anchor is an EMA, not a copy
+        for step in result["steps"]:
+            assert step["applied"] and step["norm"] > 0
+            assert step["policy_adapter_diff"] <= 1e-5
+            assert step["anchor_state_diff"] <= 1e-5
+            assert step["forward_diff"]["anchor"] <= 1e-5 and step["forward_diff"]["reference"] <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["zero3_bfloat16", "zero3_float32", "zero2_bfloat16", "zero1_float32",
+                                  "lora_zero3_bfloat16", "lora_zero3_float32", "lora_zero2_bfloat16",
+                                  "lora_zero0_float32"])
 def test_memory_report_agrees_with_the_plan(launch, case):
     """Every row `fastbond plan` predicts (gradients aside: not held between steps) equals the
-    bytes the running ranks hold, ZeRO-3 padding included."""
+    bytes the running ranks hold, ZeRO-3 padding included; under LoRA, row by row for the base,
+    the two adapters, the policy adapter's master copy and moments, and the anchor's EMA state."""
     for result in results(launch, "memory_matches_plan"):
         planned, measured = result[case]["planned"], result[case]["measured"]
-        planned.pop("policy grads")
+        planned.pop("policy adapter grads" if case.startswith("lora") else "policy grads")
         assert measured == planned
         assert result[case]["report_lines"] >= len(planned) + 2
 

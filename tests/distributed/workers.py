@@ -134,7 +134,7 @@ def gather_state(anchor) -> dict[str, torch.Tensor]:
     """The anchor's fp32 EMA state made whole (the test's own all-gather of the shards)."""
     out = {}
     world = dist.get_world_size()
-    for (name, param), state in zip(anchor.model.named_parameters(), anchor.state):
+    for (name, param), state in zip(anchor.anchor_parameters, anchor.state):
         if anchor.sharded:
             pieces = [torch.empty_like(state) for _ in range(world)]
             dist.all_gather(pieces, state.contiguous())
@@ -523,6 +523,101 @@ def export_zero3():
 
 
 # --------------------------------------------------------------------------- #
+# LoRA: one frozen base, the policy adapter trained, the anchor adapter its shard-local EMA
+# --------------------------------------------------------------------------- #
+
+
+def tiny_lora(tied: bool = True):
+    """The tiny model with PEFT's two adapters (r 3: odd-sized A and B, padded shards), B made non-zero
+    so that every adapter tensor gets a gradient from the first step."""
+    from fastbond import lora
+    from fastbond.config import LoraConfig
+
+    wrapped = lora.attach_adapters(tiny_model(tied), LoraConfig(r=3, alpha=6.0))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn_like(param))
+    for (_, anchor), (_, policy) in zip(lora.adapter_parameters(wrapped, lora.ANCHOR),
+                                        lora.adapter_parameters(wrapped, lora.POLICY)):
+        anchor.data.copy_(policy.data)
+    return wrapped
+
+
+def _lora_case(stage: int, steps: int = 3, eta: float = 0.3) -> dict:
+    """ZeRO-`stage` LoRA against one process: the policy adapter after each step, the anchor adapter's fp32
+    state (made whole by the test), its forward and π_ref's; the EMA issues no collective; the base is frozen."""
+    from functools import partial
+
+    from fastbond import lora
+    from fastbond.engines.deepspeed.zero import release_gathered
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    plain = tiny_lora()
+    sharded = copy.deepcopy(plain)
+    config = fastbond_config(stage)
+    engine = ZeroOptimizer(sharded.get_base_model(), config, build_deepspeed_config(config, world), torch.device("cpu"))
+    release = partial(release_gathered, engine.model) if stage == 3 else None
+    anchor = lora.AdapterAnchor(sharded, torch.float32, release=release)
+    torch_engine = TorchOptimizer(plain.get_base_model(), config.optim, torch.float32, torch.device("cpu"))
+    oracle = lora.AdapterAnchor(plain)
+    base_before = {n: p.detach().clone() for n, p in plain.get_base_model().named_parameters() if "lora_" not in n}
+    probe = batch_samples(77)
+    records, calls = [], []
+    for step in range(steps):
+        applied, norm = engine.step(weighted_loss(engine.model, batch_samples(100 * step + rank), seed=rank))
+        with collectives_forbidden(calls):
+            anchor.update(engine.model, eta)
+        torch_engine.step(torch.stack([weighted_loss(plain.get_base_model(), batch_samples(100 * step + r), seed=r)
+                                       for r in range(world)]).mean())
+        oracle.update(plain.get_base_model(), eta)
+        whole = full_params(engine.model)
+        want = {n: p.detach().float() for n, p in plain.get_base_model().named_parameters()}
+        policy_adapter = [n for n in want if lora.is_policy_adapter(n)]
+        forward = {}
+        for role, oracle_role in ((anchor.model, oracle.model), (lora.AdapterRole(sharded, None),
+                                                                 lora.AdapterRole(plain, None))):
+            with torch.no_grad(), role.active() as module, oracle_role.active() as oracle_module:
+                got = response_logprobs(module, probe, backend="chunked")
+                expected = response_logprobs(oracle_module, probe, backend="chunked")
+            forward[role.adapter or "reference"] = float((got - expected).abs().max())
+        records.append({
+            "applied": applied, "norm": norm,
+            "policy_adapter_diff": max(float((whole[n] - want[n]).abs().max()) for n in policy_adapter),
+            "anchor_state_diff": max_diff(gather_state(anchor), oracle.state_dict()),
+            "forward_diff": forward,
+        })
+    moved = max(float((a.float() - b.float()).abs().max())
+                for a, b in zip(oracle.state, [p for _, p in lora.adapter_parameters(plain, lora.POLICY)]))
+    base_now = {n: p for n, p in full_params(engine.model).items() if n in base_before}
+    trainable = sorted(n for n, p in engine.model.named_parameters() if p.requires_grad)
+    return {"steps": records, "ema_collectives": calls, "anchor_trails_policy": moved,
+            "base_diff": max_diff(base_now, {n: t.float() for n, t in base_before.items()}),
+            "trainable_all_policy_adapter": bool(trainable) and all(lora.is_policy_adapter(n) for n in trainable),
+            "sharded": anchor.sharded}
+
+
+@scenario
+def lora_zero3():
+    return _lora_case(3)
+
+
+@scenario
+def lora_zero2():
+    return _lora_case(2)
+
+
+@scenario
+def lora_zero1():
+    return _lora_case(1)
+
+
+@scenario
+def lora_zero0():
+    return _lora_case(0)
+
+
+# --------------------------------------------------------------------------- #
 # the memory report at start agrees with `fastbond plan`
 # --------------------------------------------------------------------------- #
 
@@ -545,6 +640,37 @@ def memory_matches_plan():
         report = engine.memory_report(anchor)
         key = f"zero{stage}_{dtype}"
         out[key] = {
+            "planned": {r.what.split(" (")[0]: r.device + r.host for r in planned.rows if not r.transient},
+            "measured": {r.what.split(" (")[0]: r.device + r.host for r in measured.rows},
+            "report_lines": len(report.splitlines()),
+        }
+    out.update(_lora_memory())
+    return out
+
+
+def _lora_memory() -> dict:
+    """The same comparison for LoRA: the frozen base, both adapters, the policy adapter's optimizer."""
+    from functools import partial
+
+    from fastbond import lora
+    from fastbond.engines.deepspeed.zero import release_gathered
+    from fastbond.plan import measured_rows, plan_memory, shape_of
+
+    out = {}
+    for stage, dtype in ((3, "bfloat16"), (3, "float32"), (2, "bfloat16"), (0, "float32")):
+        wrapped = tiny_lora()
+        config = load_config(None, ["engine.kind=deepspeed", f"engine.zero_stage={stage}", f"model.dtype={dtype}",
+                                    "model.lora.r=3", "model.lora.alpha=6", "optim.lr=0.05"])
+        engine = ZeroOptimizer(wrapped.get_base_model(), config, build_deepspeed_config(config, dist.get_world_size()),
+                               torch.device("cpu"))
+        release = partial(release_gathered, engine.model) if stage == 3 else None
+        anchor = lora.AdapterAnchor(wrapped, engine.compute_dtype, release=release)
+        planned = plan_memory(config, dist.get_world_size(), shape_of(tiny_model(tied=True), "tiny"), None, None)
+        engine.step(weighted_loss(engine.model, batch_samples(3 + dist.get_rank()), seed=0))
+        measured = measured_rows(engine.model, engine.engine.basic_optimizer, anchor, on_accelerator=False,
+                                 masters=engine.master_partitions(), adapters=wrapped)
+        report = engine.memory_report(anchor, adapters=wrapped)
+        out[f"lora_zero{stage}_{dtype}"] = {
             "planned": {r.what.split(" (")[0]: r.device + r.host for r in planned.rows if not r.transient},
             "measured": {r.what.split(" (")[0]: r.device + r.host for r in measured.rows},
             "report_lines": len(report.splitlines()),

@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from torch import nn
 from fastbond.checkpoint import checkpoint_name, join_tensors, publish, split_tensors
 from fastbond.engines.base import Engine, Models
 from fastbond.engines.deepspeed import zero
-from fastbond.engines.deepspeed.config import build_deepspeed_config
-from fastbond.engines.local import load_models
+from fastbond.engines.deepspeed.config import build_deepspeed_config, zero_stage_of
+from fastbond.engines.local import exported_models
 from fastbond.errors import FastbondError
 from fastbond.metrics_log import to_float
 from fastbond.models import (
@@ -66,38 +67,64 @@ class DeepSpeedEngine(Engine):
 
     def build(self, config, needs_anchor: bool, checkpoint: Path | None) -> Models:
         """Policy under a `ZeroOptimizer`, the anchor partitioned like it, reference and reward
-        sharded or replicated (engine.reference_sharding).
+        sharded or replicated (engine.reference_sharding). Under LoRA, one frozen base holds the
+        policy and anchor adapters, and π_ref is that base with adapters disabled (`_lora_models`).
 
         The policy is always loaded from its initial source: on resume the
         DeepSpeed checkpoint overwrites weights, master copy and moments.
         """
-        policy_source, reference_source = model_sources(config)
+        policy_source, _ = model_sources(config)
         dtype = compute_dtype(config)
         tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
+        if config.model.lora.r > 0:
+            policy, reference, anchor, adapters = self._lora_models(config, needs_anchor)
+        else:
+            policy, reference, anchor, adapters = *self._full_models(config, needs_anchor), None
+        reward_fn = load_run_reward(config, tokenizer, CPU, dtype)
+        reward_model = _reward_module(reward_fn)
+        if reward_model is not None:
+            reward_fn.fn.model = zero.frozen_model(reward_model, self.ds_config, config.engine.reference_sharding,
+                                                   dtype, self.device)
+            reward_fn.fn.device = self.device
+        if self.main:
+            print(self.optimizer.memory_report(anchor, reference if adapters is None else None, reward_model,
+                                               adapters=adapters), flush=True)
+        self.models = Models(tokenizer, policy, reference, reward_fn, anchor, adapters)
+        return self.models
+
+    def _full_models(self, config, needs_anchor: bool):
+        """(policy, reference, anchor): three models, the anchor partitioned exactly like the policy."""
+        policy_source, reference_source = model_sources(config)
+        dtype = compute_dtype(config)
         policy = load_policy(config, policy_source, dtype, CPU)
         anchor_model = copy.deepcopy(policy) if needs_anchor else None  # before the engine partitions the policy
         self.optimizer = zero.ZeroOptimizer(policy, config, self.ds_config, self.device)
         anchor = zero.build_anchor(self.optimizer, anchor_model) if anchor_model is not None else None
-        sharding = config.engine.reference_sharding
-        reference = zero.frozen_model(load_frozen(config, reference_source, dtype, CPU), self.ds_config, sharding,
-                                      dtype, self.device)
-        reward_fn = load_run_reward(config, tokenizer, CPU, dtype)
-        reward_model = _reward_module(reward_fn)
-        if reward_model is not None:
-            reward_fn.fn.model = zero.frozen_model(reward_model, self.ds_config, sharding, dtype, self.device)
-            reward_fn.fn.device = self.device
-        if self.main:
-            print(self.optimizer.memory_report(anchor, reference, reward_model), flush=True)
-        self.models = Models(tokenizer, self.optimizer.model, reference, reward_fn, anchor)
-        return self.models
+        reference = zero.frozen_model(load_frozen(config, reference_source, dtype, CPU), self.ds_config,
+                                      config.engine.reference_sharding, dtype, self.device)
+        return self.optimizer.model, reference, anchor
+
+    def _lora_models(self, config, needs_anchor: bool):
+        """(policy, reference, anchor, adapters) of LoRA (`fastbond.lora`): the base with both adapters under
+        one `ZeroOptimizer` that trains the policy adapter alone. The base and the anchor adapter are frozen
+        and, under ZeRO-3, partitioned like everything else; the anchor adapter's EMA runs on local shards."""
+        from fastbond import lora
+
+        dtype = compute_dtype(config)
+        wrapped = lora.attach_adapters(load_policy(config, lora.base_source(config), dtype, CPU), config.model.lora)
+        if zero_stage_of(self.ds_config) == 3 and lora.adapts_head(wrapped.get_base_model()):
+            raise FastbondError("config key 'model.lora.target_modules': an adapted LM head needs "
+                                "engine.zero_stage 0-2; under ZeRO-3 the fused log-prob ops cannot gather its adapter")
+        self.optimizer = zero.ZeroOptimizer(wrapped.get_base_model(), config, self.ds_config, self.device)
+        anchor = None
+        if needs_anchor:
+            release = partial(zero.release_gathered, self.optimizer.model) if self.optimizer.zero_stage == 3 else None
+            anchor = lora.AdapterAnchor(wrapped, dtype, release=release)
+        return self.optimizer.model, lora.AdapterRole(wrapped, None), anchor, wrapped
 
     def evaluation_models(self, policy_dir: Path) -> Models | None:
         """Plain one-process models loaded from the exported policy, on rank 0 alone."""
-        if not self.main:
-            return None
-        models = load_models(self.config, policy_dir, self.device)
-        models.policy.eval()
-        return models
+        return exported_models(self.config, policy_dir, self.device) if self.main else None
 
     # ------------------------------------------------------------------ a step
 
@@ -164,7 +191,7 @@ class DeepSpeedEngine(Engine):
         tensors: dict[str, torch.Tensor] = {}
         skeleton = split_tensors(own, tensors)
         save_file(tensors, str(_rank_file(tmp, self.rank, self.world)), metadata={"state": json.dumps(skeleton)})
-        self.optimizer.export_pretrained(tmp / "policy", self.models.tokenizer)  # collective; ends with a barrier
+        self._save_policy(tmp / "policy")  # collective; ends with a barrier
         if self.main:
             state = {"shared": shared, "engine": self.optimizer.state_dict(), "world_size": self.world}
             (tmp / "state.json").write_text(json.dumps({"step": step, "state": state}))
@@ -198,6 +225,26 @@ class DeepSpeedEngine(Engine):
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         return int(meta["step"]), state["shared"], join_tensors(skeleton, tensors)
 
+    def _save_policy(self, path: Path) -> None:
+        """A checkpoint's policy/: the consolidated policy, or under LoRA the policy adapter alone (PEFT
+        format, fp32 master tensors; the base is not saved). Collective; rank 0 writes."""
+        if self.models.adapters is None:
+            self.optimizer.export_pretrained(path, self.models.tokenizer)
+            return
+        from fastbond import lora
+
+        state = self.optimizer.consolidated_state_dict(select=lora.is_policy_adapter)
+        if self.main:
+            lora.save_policy_adapter(self.models.adapters, path, self.models.tokenizer, state=state)
+        dist.barrier()
+
     def export(self, path: Path) -> None:
-        """The trained policy, consolidated, in transformers format (rank 0 writes; collective)."""
-        self.optimizer.export_pretrained(path, self.models.tokenizer)
+        """The trained policy, consolidated, in transformers format (rank 0 writes; collective).
+        Under LoRA: the base with the policy adapter merged in, in the compute dtype."""
+        if self.models.adapters is None:
+            self.optimizer.export_pretrained(path, self.models.tokenizer)
+            return
+        from fastbond import lora
+
+        merged = lora.merged_state_dict(self.models.adapters, self.gathered, keep=self.main)
+        zero.write_pretrained(self.optimizer.model, merged, path, self.models.tokenizer)

@@ -203,6 +203,8 @@ class ZeroOptimizer:
         self.model = self.engine.module
         _register(self.model, self.engine)
         self._guard_gradients()
+        # A frozen base (LoRA) is reloaded from its source on resume: checkpoints hold the trained tensors only.
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
 
     # ------------------------------------------------------------------ the seam
 
@@ -298,7 +300,8 @@ class ZeroOptimizer:
     def save_checkpoint(self, directory: str | Path) -> Path:
         """DeepSpeed's own sharded checkpoint (weights, fp32 master, Adam moments, scheduler); collective."""
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.has_frozen)
         return directory / self.TAG
 
     def load_checkpoint(self, directory: str | Path) -> None:
@@ -307,7 +310,8 @@ class ZeroOptimizer:
         if not (directory / self.TAG).is_dir():
             raise FastbondError(f"no DeepSpeed checkpoint in {directory / self.TAG}")
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=not self.has_frozen,
         )
         if path is None:
             raise FastbondError(f"DeepSpeed could not load the checkpoint in {directory / self.TAG}")
@@ -320,21 +324,22 @@ class ZeroOptimizer:
                 return list(getattr(optimizer, name))
         return None
 
-    def memory_report(self, anchor=None, reference: nn.Module | None = None, reward: nn.Module | None = None) -> str:
+    def memory_report(self, anchor=None, reference: nn.Module | None = None, reward: nn.Module | None = None,
+                      adapters=None) -> str:
         """This rank's bytes per row of `fastbond plan`, read off the live tensors (no collective)."""
         from fastbond.plan import format_plan, measured_rows
 
         on_gpu = self.device.type == "cuda"
         plan = measured_rows(self.model, self.engine.basic_optimizer, anchor, reference, reward,
-                             on_accelerator=on_gpu, masters=self.master_partitions())
+                             on_accelerator=on_gpu, masters=self.master_partitions(), adapters=adapters)
         rank = dist.get_rank() if dist.is_initialized() else 0
         text = format_plan(plan, header=f"memory at start, rank {rank} (ZeRO-{self.zero_stage})")
         if on_gpu:
             text += f"\n  device memory allocated: {torch.cuda.memory_allocated(self.device):,} bytes"
         return text
 
-    def consolidated_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        return consolidated_state_dict(self.model, dtype)
+    def consolidated_state_dict(self, dtype: torch.dtype | None = None, select=None) -> dict[str, torch.Tensor] | None:
+        return consolidated_state_dict(self.model, dtype, select)
 
     def export_pretrained(self, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path | None:
         return export_pretrained(self.model, path, tokenizer, dtype)
@@ -477,17 +482,21 @@ def _full_fp32(param: nn.Parameter) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def consolidated_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+def consolidated_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
+                            select=None) -> dict[str, torch.Tensor] | None:
     """Every parameter whole, on rank 0's CPU (None on other ranks); collective, one tensor at a time.
 
     The optimizer's fp32 master weights when there are any (what
     zero_to_fp32 rebuilds from a checkpoint), else the module's own weights
     gathered. `dtype`: cast on the way out (default: keep fp32 / the
-    module's dtype). Peak extra device memory: one gathered tensor.
+    module's dtype). `select(name)`: only the parameters it accepts, and no
+    buffers (e.g. a LoRA adapter). Peak extra device memory: one gathered tensor.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     state: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
+        if select is not None and not select(name):
+            continue
         full = _full_fp32(param)
         if full is None:
             if hasattr(param, "ds_id"):
@@ -499,6 +508,8 @@ def consolidated_state_dict(model: nn.Module, dtype: torch.dtype | None = None) 
             state[name] = full.detach().to("cpu", dtype or full.dtype).clone().reshape(tuple(getattr(param, "ds_shape", param.shape)))
     if rank != 0:
         return None
+    if select is not None:
+        return state
     # Persistent buffers (never partitioned), but not the second name of a tied parameter.
     every_parameter_name = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     persistent = set(model.state_dict(keep_vars=True))
@@ -509,13 +520,18 @@ def consolidated_state_dict(model: nn.Module, dtype: torch.dtype | None = None) 
 
 
 def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path | None:
-    """The model in transformers format (safetensors), written by rank 0; collective.
+    """The model in transformers format (safetensors), written by rank 0; collective."""
+    return write_pretrained(model, consolidated_state_dict(model, dtype), path, tokenizer)
+
+
+def write_pretrained(model: nn.Module, state: dict[str, torch.Tensor] | None, path: str | Path,
+                     tokenizer=None) -> Path | None:
+    """`state` (whole tensors, on rank 0; None elsewhere) in transformers format as `model`'s; collective.
 
     Written into a temporary sibling and renamed into place, so a reader sees
     the old export or the new one. `config.json` records the dtype of the
     tensors written (fp32 by default), so `from_pretrained` loads them as they are.
     """
-    state = consolidated_state_dict(model, dtype)
     path = Path(path)
     if state is not None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
