@@ -12,8 +12,11 @@ layers. The policy the trainer sees is PEFT's base model with the adapter
 layers injected, so every transformers helper (the fused LM-head path,
 generate) works on it unchanged; the other two roles are `AdapterRole`s that
 switch the adapter around a draw or a forward (`Context` enters them).
-The LM head is not adapted (LoRA targets the attention and MLP projections),
-so the fused log-prob ops see the plain head.
+By default LoRA targets the attention and MLP projections and the fused
+log-prob ops read the plain head; an adapted head (`lm_head` in
+target_modules) hands them its merged weight (`head_weight`). One process
+or DeepSpeed ZeRO 0-3 (`fastbond.engines`): under ZeRO the adapters are
+partitioned like the base, and the anchor's EMA runs on local shards.
 """
 
 from __future__ import annotations
@@ -230,6 +233,22 @@ def load_policy_adapter(wrapped, path: Path) -> None:
             raise FastbondError(f"the policy adapter in {path} has '{key}' of shape {list(by_suffix[key].shape)}, "
                                 f"this run's is {list(param.shape)}: written with another model.lora.r?")
         param.copy_(by_suffix[key])
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether `path` holds a policy adapter (a LoRA checkpoint's policy/) rather than a whole model."""
+    return (Path(path) / ADAPTER_FILE).is_file()
+
+
+def merged_adapter(base: nn.Module, lora_config, path: Path) -> nn.Module:
+    """`base` (in place) with the policy adapter saved in `path` merged in: a plain transformers model.
+    The generators are left as they were (LoRA's initialisation, overwritten here, would draw from them)."""
+    cuda = sorted({p.device.index or 0 for p in base.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        wrapped = attach_adapters(base, lora_config)
+    load_policy_adapter(wrapped, path)
+    wrapped.delete_adapter(ANCHOR)
+    return wrapped.merge_and_unload()
 
 
 def adapter_of(wrapped, model) -> str | None:

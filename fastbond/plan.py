@@ -60,6 +60,7 @@ PRESETS: dict[str, dict] = {
 }
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEAD_NAME = "lm_head"  # the LM head's module name in the architectures planned here
 
 
 # --------------------------------------------------------------------------- #
@@ -101,11 +102,15 @@ def shape_of(model: nn.Module, source: str) -> ModelShape:
     return ModelShape(source, numels, tuple(weight.shape) if weight is not None else (0, 0), linears)
 
 
-def lora_shape(shape: ModelShape, lora) -> ModelShape:
-    """The tensors of one LoRA adapter on `shape`: A [r, in] and B [out, r] per adapted linear layer."""
+def lora_targets(shape: ModelShape, lora) -> list[str]:
     from fastbond.lora import DEFAULT_TARGETS
 
-    targets = lora.target_modules or [t for t in DEFAULT_TARGETS if t in shape.linears]
+    return list(lora.target_modules or [t for t in DEFAULT_TARGETS if t in shape.linears])
+
+
+def lora_shape(shape: ModelShape, lora) -> ModelShape:
+    """The tensors of one LoRA adapter on `shape`: A [r, in] and B [out, r] per adapted linear layer."""
+    targets = lora_targets(shape, lora)
     numels = [n for t in targets for d_in, d_out in shape.linears.get(t, []) for n in (lora.r * d_in, d_out * lora.r)]
     return ModelShape(f"LoRA r={lora.r} on {', '.join(targets)}", numels, (0, 0))
 
@@ -311,7 +316,11 @@ def _plan_lora(config: TrainConfig, ranks: int, stage: int | None, policy: Model
         count = reward.zero3_shard(ranks) if sharded else reward.total
         plan.add(f"reward ({dtype}, {'ZeRO-3 shard' if sharded else 'replicated'})", c * count,
                  on_host=sharded and config.engine.offload_params)
-    # the LM head is frozen: the fused op computes no weight gradient, so no transient head buffer
+    if HEAD_NAME in lora_targets(policy, config.model.lora):  # the fused ops read W + ΔW, and give it a gradient
+        vocab, hidden = policy.head
+        plan.add("adapted LM head: merged weight", c * vocab * hidden, transient=True)
+        plan.add("adapted LM head: fp32 weight gradient", 4 * vocab * hidden, transient=True)
+    # otherwise the head is frozen: the fused op computes no weight gradient, so no transient head buffer
     plan.notes.append(f"policy: {policy.total:,} parameters ({policy.source}); one adapter {a:,}")
     plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
     return plan

@@ -133,9 +133,19 @@ def replace_lora(config, **changes):
 
 
 def exported_models(config, policy_dir: Path, device: torch.device) -> Models:
-    """One-process models that judge an exported policy against π_ref. A LoRA run exports the merged
-    model, judged as a plain one (its π_ref: the base, loaded from the run's initial policy)."""
-    models = load_models(replace_lora(config, r=0), policy_dir, device)
+    """One-process models that judge a trained policy against π_ref: `policy_dir` is an exported model, or
+    a LoRA checkpoint's policy adapter. A LoRA run is judged as a plain one: its export is the merged model,
+    an adapter is merged into the base here, and π_ref is the base (the run's initial policy)."""
+    from fastbond import lora
+
+    if not lora.is_adapter_dir(policy_dir):
+        models = load_models(replace_lora(config, r=0), policy_dir, device)
+    else:
+        if config.model.lora.r == 0:
+            raise FastbondError(f"{policy_dir} holds a LoRA adapter, but the run's config has model.lora.r=0; "
+                                "pass the run's model.lora keys as overrides")
+        models = load_models(replace_lora(config, r=0), None, device)  # the policy starts as the base
+        models.policy = lora.merged_adapter(models.policy, config.model.lora, policy_dir)
     models.policy.eval()
     return models
 
