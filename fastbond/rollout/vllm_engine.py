@@ -188,7 +188,7 @@ class VLLMRollout:
             return streamed_weights(model, self._gathered)
         from fastbond import lora
 
-        return lora.merged_weights(self._adapters, lora.adapter_of(self._adapters, model))
+        return lora.merged_weights(self._adapters, lora.adapter_of(self._adapters, model), self._gathered)
 
     def _named_shapes(self, model) -> dict[str, tuple[int, ...]]:
         if self._adapters is None:

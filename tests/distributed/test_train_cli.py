@@ -76,21 +76,25 @@ def deepspeed_train(cache: Path, run_dir: Path, *overrides: str) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def one_process(cache, tmp_path_factory):
+def one_process_train(cache: Path, run_dir: Path, *overrides: str) -> Path:
+    """The same run in this process (`fastbond train` without DeepSpeed)."""
     from fastbond.config import load_config
     from fastbond.presets import embedded_preset
     from fastbond.train import train
 
-    run_dir = tmp_path_factory.mktemp("one") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FASTBOND_CACHE", str(cache))
         threads = torch.get_num_threads()
         try:
-            train(load_config(embedded_preset(), TINY + [f"run_dir={run_dir}"]))
+            train(load_config(embedded_preset(), TINY + [f"run_dir={run_dir}", *overrides]))
         finally:
             torch.set_num_threads(threads)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process(cache, tmp_path_factory):
+    return one_process_train(cache, tmp_path_factory.mktemp("one") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -159,19 +163,7 @@ LORA = ["model.lora.r=4", "model.lora.alpha=8", "optim.lr=0.05"]
 
 @pytest.fixture(scope="module")
 def one_process_lora(cache, tmp_path_factory):
-    from fastbond.config import load_config
-    from fastbond.presets import embedded_preset
-    from fastbond.train import train
-
-    run_dir = tmp_path_factory.mktemp("one-lora") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTBOND_CACHE", str(cache))
-        threads = torch.get_num_threads()
-        try:
-            train(load_config(embedded_preset(), TINY + LORA + [f"run_dir={run_dir}"]))
-        finally:
-            torch.set_num_threads(threads)
-    return run_dir
+    return one_process_train(cache, tmp_path_factory.mktemp("one-lora") / "run", *LORA)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
-from test_train_cli import TINY, deepspeed_train, losses, max_diff, weights
+from test_train_cli import deepspeed_train, losses, max_diff, one_process_train, weights
 
 pytest.importorskip("deepspeed")
 pytestmark = [
@@ -39,18 +38,7 @@ def cache(tmp_path_factory):
 
 
 def test_two_ranks_with_vllm_rollouts_train_like_one_process(cache, tmp_path):
-    from fastbond.config import load_config
-    from fastbond.presets import embedded_preset
-    from fastbond.train import train
-
-    one = tmp_path / "one"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTBOND_CACHE", str(cache))
-        threads = torch.get_num_threads()
-        try:
-            train(load_config(embedded_preset(), TINY + VLLM + [f"run_dir={one}"]))
-        finally:
-            torch.set_num_threads(threads)
+    one = one_process_train(cache, tmp_path / "one", *VLLM)
     ranks = deepspeed_train(cache, tmp_path / "ranks", "engine.zero_stage=3", *VLLM)
     assert list(losses(ranks)) == [1, 2, 3]
     assert losses(ranks) == pytest.approx(losses(one), rel=1e-5)
@@ -67,19 +55,8 @@ def test_two_ranks_with_vllm_rollouts_train_lora_like_one_process(cache, tmp_pat
     """LoRA under ZeRO-3 with vLLM: each role is pushed as the base with its adapter merged in, gathered
     weight by weight with the adapter's two factors; the 2-rank run matches the one-process vLLM run."""
     pytest.importorskip("peft")
-    from fastbond.config import load_config
-    from fastbond.presets import embedded_preset
-    from fastbond.train import train
-
     lora = ["model.lora.r=4", "model.lora.alpha=8", "optim.lr=0.05"]
-    one = tmp_path / "one"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTBOND_CACHE", str(cache))
-        threads = torch.get_num_threads()
-        try:
-            train(load_config(embedded_preset(), TINY + VLLM + lora + [f"run_dir={one}"]))
-        finally:
-            torch.set_num_threads(threads)
+    one = one_process_train(cache, tmp_path / "one", *VLLM, *lora)
     ranks = deepspeed_train(cache, tmp_path / "ranks", "engine.zero_stage=3", *VLLM, *lora)
     assert losses(ranks) == pytest.approx(losses(one), rel=1e-5)
     assert max_diff(weights(ranks / "policy"), weights(one / "policy")) <= 1e-5
