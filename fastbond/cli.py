@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from fastbond import __version__
 from fastbond.errors import FastbondError, StepFailed, UserCodeError
@@ -112,6 +113,23 @@ def _run_eval(argv: list[str]) -> int:
     return 0
 
 
+def _run_merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastbond merge",
+        description="Write a LoRA run's policy adapter merged into its base as a plain transformers model "
+        "(safetensors): what `fastbond train` exports at the end, for any checkpoint.",
+    )
+    parser.add_argument("run_dir", help="a LoRA run directory written by `fastbond train` (config.yaml)")
+    parser.add_argument("out", help="directory to write the merged model to (replaced atomically)")
+    parser.add_argument("--policy", help="the adapter directory to merge (default: the latest checkpoint's policy/)")
+    args = parser.parse_args(argv)
+    from fastbond.lora import merge_run
+
+    out = merge_run(Path(args.run_dir), Path(args.out), Path(args.policy) if args.policy else None)
+    print(f"merged policy written to {out}")
+    return 0
+
+
 def _run_plan(argv: list[str]) -> int:
     parser = _config_parser(
         "fastbond plan",
@@ -158,6 +176,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 COMMANDS = {
     "train": ("train a policy (J-BOND, BOND-N, iterative BOND, vBoN, BoNBoN, REINFORCE)", _run_train),
     "eval": ("judge a policy against Best-of-N sampling from π_ref", _run_eval),
+    "merge": ("a LoRA checkpoint's policy adapter merged into its base: a plain transformers model", _run_merge),
     "plan": ("per-rank memory of a config on K GPUs (ZeRO stage, offload), without loading models", _run_plan),
     "frontier": (
         "the reward/KL frontier: a grid of runs (J-BOND, REINFORCE, BOND-N, vBoN, BoNBoN) against Best-of-N",

@@ -140,9 +140,10 @@ def test_export_is_a_merged_from_pretrained_model(tmp_path, embedded_reference):
             run.lock.release()
 
 
-def test_fastbond_eval_judges_the_export_or_a_checkpoint_adapter_alike(tmp_path, embedded_reference):
+def test_fastbond_eval_judges_the_export_or_a_checkpoint_adapter_alike(tmp_path, embedded_reference, capsys):
     """`fastbond eval RUN_DIR` judges the merged export; `--policy …/checkpoints/step-2/policy` merges that
-    adapter into the base first. The step-2 checkpoint is the final policy: the same judgement."""
+    adapter into the base first. The step-2 checkpoint is the final policy: the same judgement, and
+    `fastbond merge` of it writes the export's tensors."""
     from fastbond.cli import main
 
     run_dir = train(config(tmp_path, "optim.lr=0.05", "checkpoint.every=2"))
@@ -155,6 +156,16 @@ def test_fastbond_eval_judges_the_export_or_a_checkpoint_adapter_alike(tmp_path,
     assert judged["adapter"]["policy_reward"] == judged["export"]["policy_reward"]
     assert judged["adapter"]["kl_policy_ref"] == pytest.approx(judged["export"]["kl_policy_ref"], abs=1e-5)
     assert judged["export"]["kl_policy_ref"] > 1e-3  # a trained policy, not the base
+
+    # `fastbond merge RUN_DIR OUT`: the latest checkpoint's adapter merged, a plain model equal to the export
+    assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged, exported = (load_file(str(path / "model.safetensors")) for path in (tmp_path / "merged", run_dir / "policy"))
+    assert merged.keys() == exported.keys() and all(torch.equal(merged[k], exported[k]) for k in merged)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
+    capsys.readouterr()
+    assert main(["merge", str(run_dir), str(tmp_path / "again"), "--policy", str(run_dir / "policy")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "holds no policy adapter (adapter_model.safetensors)" in error and "\n" not in error
 
 
 @pytest.mark.parametrize("algorithm", list(SECTIONS))
