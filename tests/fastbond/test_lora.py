@@ -159,7 +159,8 @@ def test_fastbond_eval_judges_the_export_or_a_checkpoint_adapter_alike(tmp_path,
 
     # `fastbond merge RUN_DIR OUT`: the latest checkpoint's adapter merged, a plain model equal to the export
     assert main(["merge", str(run_dir), str(tmp_path / "merged")]) == 0
-    merged, exported = (load_file(str(path / "model.safetensors")) for path in (tmp_path / "merged", run_dir / "policy"))
+    merged, exported = (load_file(str(path / "model.safetensors"))
+                        for path in (tmp_path / "merged", run_dir / "policy"))
     assert merged.keys() == exported.keys() and all(torch.equal(merged[k], exported[k]) for k in merged)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
     capsys.readouterr()
