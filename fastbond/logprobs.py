@@ -13,6 +13,8 @@ own forward. A fused op therefore runs *as* the head's forward
 (`through_lm_head`), so ZeRO's hooks gather the weight before it, gather it
 again before its backward, and reduce-scatter its gradient into the
 partitioned parameter — exactly what happens to an ordinary `nn.Linear` head.
+A LoRA-adapted head runs it as the forward of its base layer and of its
+adapter's two factors, nested, and hands it the merged weight.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from fastbond.kernels.linear_logprobs import linear_logprobs
-from fastbond.lora import head_weight
+from fastbond.lora import head_parts, head_weight
 from fastbond.models import final_hidden_states, final_logit_softcap, lm_head
 from fastbond.rollout import Samples
 
@@ -75,7 +77,7 @@ def through_lm_head(model: nn.Module, function: Callable[..., object], *args):
     def forward(*inner):
         return function(LMHead(head_weight(head), getattr(head, "bias", None), softcap), *inner)
 
-    return call_as_forward(head, forward, *args) if is_zero3_partitioned(head) else forward(*args)
+    return call_through([m for m in head_parts(head) if is_zero3_partitioned(m)], forward, *args)
 
 
 def response_logprobs(
@@ -108,6 +110,16 @@ def response_logprobs(
 
 def is_zero3_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+
+
+def call_through(modules: list[nn.Module], function, *args):
+    """`function(*args)` run as the forward of each of `modules`, nested (the first outermost): under
+    ZeRO-3 every one of them has its parameters gathered for the call and again before its backward, and
+    its gradients reduce-scattered, as when a module calls its children. No modules: a plain call.
+    (An adapted LM head reads three modules: the base layer and its adapter's two factors.)"""
+    if not modules:
+        return function(*args)
+    return call_as_forward(modules[0], lambda *inner: call_through(modules[1:], function, *inner), *args)
 
 
 def call_as_forward(module: nn.Module, function, *args):

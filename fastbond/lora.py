@@ -74,9 +74,19 @@ def target_modules(lora_config, model: nn.Module) -> list[str]:
     return targets
 
 
-def adapts_head(model: nn.Module) -> bool:
-    """Whether the model's LM head carries a LoRA adapter."""
-    return hasattr(model.get_output_embeddings(), "lora_A")
+def _active_adapters(head: nn.Module) -> list[str]:
+    if head.disable_adapters or head.merged:
+        return []
+    return [adapter for adapter in head.active_adapters if adapter in head.lora_A]
+
+
+def head_parts(head: nn.Module) -> list[nn.Module]:
+    """The modules whose parameters `head_weight` reads: the head, or an adapted head's base layer and its
+    active adapter's two factors (what ZeRO-3 must gather around a fused op; `fastbond.logprobs`)."""
+    if not (hasattr(head, "base_layer") and hasattr(head, "lora_A")):
+        return [head]
+    factors = [m for adapter in _active_adapters(head) for m in (head.lora_A[adapter], head.lora_B[adapter])]
+    return [head.base_layer, *factors]
 
 
 def head_weight(head: nn.Module) -> torch.Tensor:
@@ -87,12 +97,9 @@ def head_weight(head: nn.Module) -> torch.Tensor:
     if not (hasattr(head, "base_layer") and hasattr(head, "lora_A")):
         return head.weight
     weight = head.base_layer.weight
-    if head.disable_adapters or head.merged:
-        return weight
     merged = weight
-    for adapter in head.active_adapters:
-        if adapter in head.lora_A:
-            merged = merged + head.get_delta_weight(adapter)
+    for adapter in _active_adapters(head):
+        merged = merged + head.get_delta_weight(adapter)
     return merged.to(weight.dtype)
 
 

@@ -28,6 +28,12 @@ moments and no separate master. Activations, the KV cache of generation,
 communication buckets and the CUDA context are not counted; the transient
 rows show the largest temporary copies fastbond itself makes.
 
+LoRA (`model.lora.r > 0`) plans the frozen base (cΨ, or cS at ZeRO-3; it is
+π_ref too, so no reference row) and the two adapters: the table above with
+Ψ the adapter's size for the policy adapter, its gradients, master copy and
+moments, and for the anchor adapter and its EMA state. In one process the
+adapters are fp32 and the anchor adapter is its own EMA state.
+
 `measured_rows` reads the same rows off a running job (the memory report at
 start), so the plan and the run can be compared line by line.
 """

@@ -99,7 +99,8 @@ class Engine(ABC):
         return True
 
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
-        """Every metric as a float, averaged over ranks (each holds an equal share of the batch)."""
+        """Every metric as a float, averaged over ranks (each holds an equal share of the batch); a metric
+        named `…_max` is the maximum over ranks."""
         return {name: to_float(value) for name, value in metrics.items()}
 
     # ------------------------------------------------------------------ files

@@ -177,10 +177,6 @@ def load_file_(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-
-
 def test_lora_zero3_trains_like_one_process_and_checkpoints_no_base(cache, zero3_lora, one_process_lora):
     """Same losses and the same merged export as the one-process LoRA run; a checkpoint holds the policy
     adapter (PEFT format), the anchor adapter's EMA shards and the optimizer, but no base weight."""
@@ -196,7 +192,9 @@ def test_lora_zero3_trains_like_one_process_and_checkpoints_no_base(cache, zero3
     adapter = load_file_(checkpoint / "policy" / "adapter_model.safetensors")
     one_adapter = load_file_(one_process_lora / "checkpoints" / "step-000002" / "policy" / "adapter_model.safetensors")
     assert max_diff(adapter, one_adapter) <= 1e-4  # fp32 masters after 2 steps at lr 0.05 (measured 2e-5)
-    assert _bytes(checkpoint) < base.stat().st_size  # all of it, both ranks' optimizer shards included
+    # The base's weights are nowhere in it: every file, DeepSpeed's model states included, is far smaller.
+    largest = max(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    assert largest < base.stat().st_size / 4
 
 
 def test_lora_resume_on_two_ranks_continues_exactly(cache, tmp_path, zero3_lora):

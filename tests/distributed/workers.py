@@ -527,13 +527,16 @@ def export_zero3():
 # --------------------------------------------------------------------------- #
 
 
-def tiny_lora(tied: bool = True):
+LORA_HEAD = ["q_proj", "v_proj", "down_proj", "lm_head"]
+
+
+def tiny_lora(tied: bool = True, targets: list[str] | None = None):
     """The tiny model with PEFT's two adapters (r 3: odd-sized A and B, padded shards), B made non-zero
     so that every adapter tensor gets a gradient from the first step."""
     from fastbond import lora
     from fastbond.config import LoraConfig
 
-    wrapped = lora.attach_adapters(tiny_model(tied), LoraConfig(r=3, alpha=6.0))
+    wrapped = lora.attach_adapters(tiny_model(tied), LoraConfig(r=3, alpha=6.0, target_modules=targets))
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
@@ -544,16 +547,17 @@ def tiny_lora(tied: bool = True):
     return wrapped
 
 
-def _lora_case(stage: int, steps: int = 3, eta: float = 0.3) -> dict:
+def _lora_case(stage: int, steps: int = 3, eta: float = 0.3, head: bool = False) -> dict:
     """ZeRO-`stage` LoRA against one process: the policy adapter after each step, the anchor adapter's fp32
-    state (made whole by the test), its forward and π_ref's; the EMA issues no collective; the base is frozen."""
+    state (made whole by the test), its forward and π_ref's; the EMA issues no collective; the base is frozen.
+    `head`: the (untied) LM head adapted too, so the fused log-prob op reads its merged weight."""
     from functools import partial
 
     from fastbond import lora
     from fastbond.engines.deepspeed.zero import release_gathered
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    plain = tiny_lora()
+    plain = tiny_lora(tied=not head, targets=LORA_HEAD if head else None)
     sharded = copy.deepcopy(plain)
     config = fastbond_config(stage)
     engine = ZeroOptimizer(sharded.get_base_model(), config, build_deepspeed_config(config, world), torch.device("cpu"))
@@ -591,7 +595,8 @@ def _lora_case(stage: int, steps: int = 3, eta: float = 0.3) -> dict:
                 for a, b in zip(oracle.state, [p for _, p in lora.adapter_parameters(plain, lora.POLICY)]))
     base_now = {n: p for n, p in full_params(engine.model).items() if n in base_before}
     trainable = sorted(n for n, p in engine.model.named_parameters() if p.requires_grad)
-    return {"steps": records, "ema_collectives": calls, "anchor_trails_policy": moved,
+    head_tensors = [n for n in whole if "lm_head" in n and lora.is_policy_adapter(n)]
+    return {"steps": records, "ema_collectives": calls, "anchor_trails_policy": moved, "head_tensors": head_tensors,
             "base_diff": max_diff(base_now, {n: t.float() for n, t in base_before.items()}),
             "trainable_all_policy_adapter": bool(trainable) and all(lora.is_policy_adapter(n) for n in trainable),
             "sharded": anchor.sharded}
@@ -600,6 +605,11 @@ def _lora_case(stage: int, steps: int = 3, eta: float = 0.3) -> dict:
 @scenario
 def lora_zero3():
     return _lora_case(3)
+
+
+@scenario
+def lora_head_zero3():
+    return _lora_case(3, head=True)
 
 
 @scenario
@@ -736,7 +746,7 @@ def generation_zero3():
 @scenario
 def ranks_agree():
     """A step is skipped on every rank when one rank's rewards are not finite (a rank that
-    stepped alone would hang the others in the gradient all-reduce); metrics are averaged."""
+    stepped alone would hang the others in the gradient all-reduce); metrics are averaged, maxima maxed."""
     from fastbond.engines.deepspeed.engine import DeepSpeedEngine
 
     rank = dist.get_rank()
@@ -744,7 +754,8 @@ def ranks_agree():
     return {
         "one_rank_false": engine.all_true(rank == 0),
         "all_true": engine.all_true(True),
-        "metrics": engine.reduce_metrics({"loss": torch.tensor([1.0, 3.0]) * (rank + 1), "lr": 0.5}),
+        "metrics": engine.reduce_metrics({"loss": torch.tensor([1.0, 3.0]) * (rank + 1), "lr": 0.5,
+                                          "rollout/logp_gap_max": 1e-6 * (rank + 1)}),
     }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from fastbond.checkpoint import checkpoint_name, join_tensors, publish, split_tensors
 from fastbond.engines.base import Engine, Models
 from fastbond.engines.deepspeed import zero
-from fastbond.engines.deepspeed.config import build_deepspeed_config, zero_stage_of
+from fastbond.engines.deepspeed.config import build_deepspeed_config
 from fastbond.engines.local import exported_models
 from fastbond.errors import FastbondError
 from fastbond.metrics_log import to_float
@@ -38,6 +38,7 @@ from fastbond.models import (
 )
 
 CPU = torch.device("cpu")
+MAX_SUFFIX = "_max"  # metrics reduced over ranks by their maximum, not their mean
 
 
 def _reward_module(reward_fn):
@@ -112,9 +113,6 @@ class DeepSpeedEngine(Engine):
 
         dtype = compute_dtype(config)
         wrapped = lora.attach_adapters(load_policy(config, lora.base_source(config), dtype, CPU), config.model.lora)
-        if zero_stage_of(self.ds_config) == 3 and lora.adapts_head(wrapped.get_base_model()):
-            raise FastbondError("config key 'model.lora.target_modules': an adapted LM head needs "
-                                "engine.zero_stage 0-2; under ZeRO-3 the fused log-prob ops cannot gather its adapter")
         self.optimizer = zero.ZeroOptimizer(wrapped.get_base_model(), config, self.ds_config, self.device)
         anchor = None
         if needs_anchor:
@@ -158,11 +156,18 @@ class DeepSpeedEngine(Engine):
         return self.world == 1
 
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
-        names = sorted(metrics)
-        stacked = torch.tensor([to_float(metrics[name]) for name in names], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stacked)
-        stacked /= self.world
-        return {name: float(value) for name, value in zip(names, stacked.tolist())}
+        """Means over ranks; a maximum (a name ending in `_max`, e.g. rollout/logp_gap_max) stays a maximum."""
+        reduced = {}
+        for names, op in (([n for n in sorted(metrics) if not n.endswith(MAX_SUFFIX)], dist.ReduceOp.SUM),
+                          ([n for n in sorted(metrics) if n.endswith(MAX_SUFFIX)], dist.ReduceOp.MAX)):
+            if not names:
+                continue
+            stacked = torch.tensor([to_float(metrics[n]) for n in names], dtype=torch.float64, device=self.device)
+            dist.all_reduce(stacked, op=op)
+            if op == dist.ReduceOp.SUM:
+                stacked /= self.world
+            reduced.update(zip(names, stacked.tolist()))
+        return reduced
 
     # ------------------------------------------------------------------ checkpoints
     #
