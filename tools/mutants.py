@@ -1,4 +1,5 @@
-"""Deliberate bugs in the algorithms, the anchor, the objectives and the fault handling, and the tests that catch them.
+"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA and the fault handling, and the tests
+that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fastbond/test_train.py"]
 RELIABILITY = ["tests/fastbond/test_reliability.py"]
+LORA = ["tests/fastbond/test_lora.py", "-k", "not reaches_the_reward"]  # the 40-step reward run aside
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -59,6 +61,20 @@ MUTANTS = [
      "J-BOND's γ term has the sign printed in Algorithm 2 (pushes away from the anchor)"),
     ("kernels/jbond_loss.py", "    forward_term = -best_anchor_seq\n", "    forward_term = -best_anchor_seq.detach()\n",
      "J-BOND's forward term carries no gradient"),
+    # LoRA (docs/lora.md): each runs the LoRA tests
+    ("fastbond/lora.py", "self._setup(adapter_parameters(wrapped, POLICY), adapter_parameters(wrapped, ANCHOR),",
+     "self._setup(adapter_parameters(wrapped, ANCHOR), adapter_parameters(wrapped, POLICY),",
+     "LoRA's EMA runs backwards: the policy adapter follows the anchor's", LORA),
+    ("fastbond/lora.py", "with self.wrapped.disable_adapter():", "with nullcontext():",
+     "LoRA's π_ref keeps the policy adapter on", LORA),
+    ("fastbond/lora.py", "                self.wrapped.set_adapter(POLICY)  # and the policy's trainable flags with it",
+     "                pass", "after an anchor draw LoRA trains the anchor adapter", LORA),
+    ("fastbond/lora.py", "        merged = merged + head.get_delta_weight(adapter)", "        merged = merged",
+     "the fused ops read an adapted LM head without its adapter", LORA),
+    ("fastbond/lora.py", "merged = _whole(param).float() + layer.get_delta_weight(adapter).float()",
+     "merged = _whole(param).float()", "LoRA's export and vLLM pushes leave the adapter out", LORA),
+    ("fastbond/engines/local.py", "        return lora.AdapterSaver(self.models.adapters)",
+     "        return self.models.policy", "a LoRA checkpoint holds the whole base", LORA),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),
