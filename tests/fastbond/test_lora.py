@@ -356,3 +356,18 @@ def test_plan_shards_lora_under_zero3():
                                        check_paths=False), 8, model="llama-3-8b")  # Gemma's head is tied
     assert head.row("adapted LM head: merged weight").device == 2 * 128256 * 4096
     assert head.row("adapted LM head: merged weight").transient
+
+
+def test_plan_prints_lora_against_full_jbond(capsys):
+    """`fastbond plan` of a LoRA config ends with the same run without LoRA, on the same GPUs."""
+    from pathlib import Path
+
+    from fastbond.cli import main
+
+    example = str(Path(__file__).parents[2] / "examples" / "gemma-7b-lora.yaml")
+    assert main(["plan", example, "--gpus", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("against full J-BOND (model.lora.r=0) on the same GPUs: 32.7 GiB per rank against "
+                           "206.7 GiB (0.16×); full J-BOND does not fit a 80 GiB GPU")
+    assert main(["plan", str(Path(example).with_name("gemma-7b-zero3.yaml")), "--gpus", "8"]) == 0
+    assert "against full J-BOND" not in capsys.readouterr().out  # not a LoRA config: nothing to compare
