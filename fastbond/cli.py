@@ -147,8 +147,8 @@ def _run_plan(argv: list[str]) -> int:
                         help="memory of one GPU in GiB, to say what is left for activations and generation "
                              "(default 80)")
     args = parser.parse_args(argv)
-    from fastbond.config import load_config
-    from fastbond.plan import fit_line, format_plan, plan_for_config
+    from fastbond.config import load_config, replace_lora
+    from fastbond.plan import fit_line, format_plan, lora_against_full, plan_for_config
     from fastbond.presets import embedded_preset
 
     path, overrides = _split_config_args(args)
@@ -157,22 +157,10 @@ def _run_plan(argv: list[str]) -> int:
     print(format_plan(plan, header=f"fastbond plan: {path or 'embedded default'} on {args.gpus} GPU(s)"))
     print(fit_line(plan, args.gpu_gib))
     if config.model.lora.r > 0:  # what the adapters save: the same run, every weight trained
-        from fastbond.engines.local import replace_lora
-
         full = plan_for_config(replace_lora(config, r=0), args.gpus, model=args.model, reference=args.reference,
                                reward=args.reward)
         print(lora_against_full(plan, full, args.gpu_gib))
     return 0
-
-
-def lora_against_full(lora_plan, full_plan, gpu_gib: float) -> str:
-    """One line: LoRA's counted bytes per rank against full J-BOND's on the same GPUs (model.lora.r=0)."""
-    from fastbond.plan import fit_line
-
-    lora_bytes, full_bytes = lora_plan.totals()[0], full_plan.totals()[0]
-    return (f"against full J-BOND (model.lora.r=0) on the same GPUs: {lora_bytes / 2**30:.1f} GiB per rank "
-            f"against {full_bytes / 2**30:.1f} GiB ({lora_bytes / full_bytes:.2f}×); full J-BOND "
-            f"{fit_line(full_plan, gpu_gib)}")
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:

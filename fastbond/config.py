@@ -528,6 +528,12 @@ def _attention(value: str, check_environment: bool) -> None:
                 f"installed: {remedy}, or use sdpa or eager")
 
 
+def replace_lora(config: TrainConfig, **changes) -> TrainConfig:
+    """`config` with model.lora keys changed (e.g. r=0: the same run without LoRA)."""
+    lora = dataclasses.replace(config.model.lora, **changes)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
+
+
 def _lora(config: TrainConfig, check_environment: bool) -> None:
     lora = config.model.lora
     at_least("model.lora.r", lora.r, 0)

@@ -215,7 +215,7 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
     c = DTYPE_BYTES[config.model.dtype]
     stage = engine.zero_stage if deepspeed else 0
     dtype = config.model.dtype
-    psi, shard, flat = policy.total, policy.zero3_shard(ranks), policy.flat_partition(ranks)
+    psi = policy.total
     offload_opt, offload_par = engine.offload_optimizer, engine.offload_params
 
     if config.model.lora.r > 0:
@@ -234,18 +234,7 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
         anchor_params, anchor_state = c * psi, (4 * psi if c != 4 else 0)
         anchor_on_host = False
     else:
-        params = shard if stage == 3 else psi
-        plan.add(f"policy params ({dtype})", c * params, on_host=offload_par)
-        grads = {0: psi, 1: psi, 2: flat, 3: shard}[stage]
-        plan.add(f"policy grads ({dtype})", c * grads)
-        opt_part = psi if stage == 0 else (shard if stage == 3 else flat)
-        if offload_opt:
-            plan.add("fp32 gradient partition (offload)", 4 * opt_part, on_host=True)
-        # fp32 weights are their own master copy only at ZeRO-0; ZeRO-1/2/3 keep a clone of the partition.
-        master = 0 if (c == 4 and stage == 0) else 4 * opt_part
-        plan.add("fp32 master weights", master, on_host=offload_opt)
-        plan.add("Adam moments (fp32 m, v)", 8 * opt_part, on_host=offload_opt)
-        local = shard if stage == 3 else psi
+        local = _zero_trained_rows(plan, policy, ranks, stage, config, "policy params", "policy grads")
         anchor_params, anchor_state = c * local, (4 * local if c != 4 else 0)
         anchor_on_host = offload_par
     if needs_anchor:
@@ -278,6 +267,26 @@ def plan_memory(config: TrainConfig, ranks: int, policy: ModelShape, reference: 
     return plan
 
 
+def _zero_trained_rows(plan: Plan, trained: ModelShape, ranks: int, stage: int, config: TrainConfig,
+                       params_row: str, grads_row: str) -> int:
+    """The rows of the trained tensors under ZeRO-`stage` (the module docstring's table): their compute-dtype
+    copy and gradients, the fp32 master copy and Adam moments. Returns the elements of them a rank holds,
+    which an anchor partitioned alike holds too."""
+    c, dtype, engine = DTYPE_BYTES[config.model.dtype], config.model.dtype, config.engine
+    psi, shard, flat = trained.total, trained.zero3_shard(ranks), trained.flat_partition(ranks)
+    local = shard if stage == 3 else psi
+    plan.add(f"{params_row} ({dtype})", c * local, on_host=engine.offload_params)
+    plan.add(f"{grads_row} ({dtype})", c * {0: psi, 1: psi, 2: flat, 3: shard}[stage])
+    opt_part = psi if stage == 0 else (shard if stage == 3 else flat)
+    if engine.offload_optimizer:
+        plan.add("fp32 gradient partition (offload)", 4 * opt_part, on_host=True)
+    # fp32 weights are their own master copy only at ZeRO-0; ZeRO-1/2/3 keep a clone of the partition.
+    master = 0 if (c == 4 and stage == 0) else 4 * opt_part
+    plan.add("fp32 master weights", master, on_host=engine.offload_optimizer)
+    plan.add("Adam moments (fp32 m, v)", 8 * opt_part, on_host=engine.offload_optimizer)
+    return local
+
+
 def _plan_lora(config: TrainConfig, ranks: int, stage: int | None, policy: ModelShape, reward: ModelShape | None,
                needs_anchor: bool) -> Plan:
     """LoRA J-BOND: the frozen base in the compute dtype and two adapters; no reference model (π_ref is the
@@ -300,16 +309,8 @@ def _plan_lora(config: TrainConfig, ranks: int, stage: int | None, policy: Model
         plan = Plan(f"ZeRO-{stage} on {ranks} rank(s), LoRA r={config.model.lora.r}: {dtype} frozen base and "
                     f"adapters, optimizer offload {'on' if offload_opt else 'off'}, parameter offload "
                     f"{'on' if offload_par else 'off'}")
-        shard, flat = adapter.zero3_shard(ranks), adapter.flat_partition(ranks)
-        local = shard if stage == 3 else a
         plan.add(base_row, c * (policy.zero3_shard(ranks) if stage == 3 else policy.total), on_host=offload_par)
-        plan.add(f"policy adapter ({dtype})", c * local, on_host=offload_par)
-        plan.add(f"policy adapter grads ({dtype})", c * {0: a, 1: a, 2: flat, 3: shard}[stage])
-        opt_part = a if stage == 0 else (shard if stage == 3 else flat)
-        if offload_opt:
-            plan.add("fp32 gradient partition (offload)", 4 * opt_part, on_host=True)
-        plan.add("fp32 master weights", 0 if (c == 4 and stage == 0) else 4 * opt_part, on_host=offload_opt)
-        plan.add("Adam moments (fp32 m, v)", 8 * opt_part, on_host=offload_opt)
+        local = _zero_trained_rows(plan, adapter, ranks, stage, config, "policy adapter", "policy adapter grads")
         if needs_anchor:
             plan.add(f"anchor adapter ({dtype})", c * local, on_host=offload_par)
             plan.add("anchor EMA state (fp32)", 4 * local if c != 4 else 0, on_host=offload_par)
@@ -458,3 +459,11 @@ def fit_line(plan: Plan, gpu_gib: float) -> str:
                 "before activations and generation")
     return (f"fits a {gpu_gib:g} GiB GPU: {(device + transient) / 2**30:.1f} GiB counted (largest transient "
             f"included), {left / 2**30:.1f} GiB left for activations and the KV cache of generation")
+
+
+def lora_against_full(lora_plan: Plan, full_plan: Plan, gpu_gib: float) -> str:
+    """One line: LoRA's counted bytes per rank against full J-BOND's on the same GPUs (model.lora.r=0)."""
+    lora_bytes, full_bytes = lora_plan.totals()[0], full_plan.totals()[0]
+    return (f"against full J-BOND (model.lora.r=0) on the same GPUs: {lora_bytes / 2**30:.1f} GiB per rank "
+            f"against {full_bytes / 2**30:.1f} GiB ({lora_bytes / full_bytes:.2f}×); full J-BOND "
+            f"{fit_line(full_plan, gpu_gib)}")

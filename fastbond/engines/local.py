@@ -20,7 +20,7 @@ from torch import nn
 
 from fastbond.anchor import EMAAnchor
 from fastbond.checkpoint import load_checkpoint, save_checkpoint
-from fastbond.config import OptimConfig
+from fastbond.config import OptimConfig, replace_lora
 from fastbond.engines.base import Engine, Models
 from fastbond.errors import FastbondError
 from fastbond.models import (
@@ -122,14 +122,6 @@ def load_models(config, policy_path: str | Path | None, device: torch.device, ne
         reward_fn=load_run_reward(config, tokenizer, device, dtype),
         anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
     )
-
-
-def replace_lora(config, **changes):
-    """`config` with model.lora keys changed (e.g. r=0: the same run without LoRA)."""
-    import dataclasses
-
-    lora = dataclasses.replace(config.model.lora, **changes)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
 
 
 def exported_models(config, policy_dir: Path, device: torch.device) -> Models:
