@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs fastbond into the current Python environment.
-#   bash install.sh         the package
-#   bash install.sh test    the package with its test extra (pytest, pytest-benchmark, deepspeed)
+#   bash install.sh                 the package, at the versions of constraints.txt
+#   bash install.sh test            the package with its test extra (pytest, pytest-benchmark, deepspeed, peft)
+#   bash install.sh --latest [test] the same with the newest releases instead of constraints.txt
+#
+# constraints.txt holds the versions the whole suite last passed with, written by
+# tools/constraints.py (never by hand): a user gets a working set today and next
+# month. --latest is what CI's newest-set smoke installs.
 #
 # Why a script: a bare `torch` requirement on a machine without torch pulls a
 # multi-GB CUDA build from the default index. Where no NVIDIA GPU is present,
@@ -14,9 +19,20 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 CPU_INDEX=https://download.pytorch.org/whl/cpu
-extra=${1:-}
+CONSTRAINTS=constraints.txt
 
 say() { echo "install.sh: $*"; }
+
+latest=0
+extra=
+for arg in "$@"; do
+  case $arg in
+    --latest) latest=1 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) say "unknown option $arg (usage: bash install.sh [--latest] [EXTRA])"; exit 2 ;;
+    *) [[ -z $extra ]] || { say "one extra at most, got '$extra' and '$arg'"; exit 2; }; extra=$arg ;;
+  esac
+done
 
 cpu_index_reachable() {
   "$PYTHON" - "$CPU_INDEX/torch/" <<'PY'
@@ -42,8 +58,21 @@ else
       "(CUDA build: $("$PYTHON" -c 'import torch; print(torch.version.cuda is not None)'))"
 fi
 
-if [ -n "$extra" ]; then
-  "$PYTHON" -m pip install -e ".[$extra]"
+constraint_args=()
+if [[ $latest == 1 ]]; then
+  say "--latest: the newest releases, not the known-good versions of $CONSTRAINTS"
 else
-  "$PYTHON" -m pip install -e .
+  pins=$CONSTRAINTS
+  if "$PYTHON" -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+    # A CUDA build of torch pins the triton it was built with; the file's triton is the CPU machines'.
+    pins=$(mktemp)
+    trap 'rm -f "$pins"' EXIT
+    grep -v -i '^triton==' "$CONSTRAINTS" > "$pins"
+  fi
+  constraint_args=(--constraint "$pins")
+  say "installing the known-good versions of $CONSTRAINTS (bash install.sh --latest: the newest releases)"
 fi
+
+target=.
+[[ -z $extra ]] || target=".[$extra]"
+"$PYTHON" -m pip install ${constraint_args[@]+"${constraint_args[@]}"} -e "$target"

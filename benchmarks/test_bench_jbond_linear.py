@@ -17,7 +17,7 @@ anchor's token log-probs and the rewards. Implementations:
   chunked on CPU) with a per-token upstream gradient: the floor. The fused
   op's ratio to it is the price of the J-BOND head, the packing and the
   concatenation; ≈ 1 says no GEMM pass was added (SPEC §5; the module
-  docstring of kernels/jbond_linear.py).
+  docstring of fastbond/kernels/jbond_linear.py).
 
 Modes: `fwdbwd` (a training step: loss, metrics, grads of hidden states and
 head) and `fwd` (no grad: evaluation; one GEMM). extra_info: `flops` (8·N·H·V

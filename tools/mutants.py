@@ -57,9 +57,9 @@ MUTANTS = [
     ("fastbond/losses.py", "returns = bond_returns(policy_seq, ref_seq, bond_rewards, n)\n    advantages = returns - _baseline(returns, batch_sum)",
      "returns = bond_returns(policy_seq, ref_seq, bond_rewards, n)\n    advantages = returns",
      "BOND-N has no baseline"),
-    ("kernels/jbond_loss.py", "    anchor_kl_term = log_ratio * policy_seq\n", "    anchor_kl_term = -log_ratio * policy_seq\n",
+    ("fastbond/kernels/jbond_loss.py", "    anchor_kl_term = log_ratio * policy_seq\n", "    anchor_kl_term = -log_ratio * policy_seq\n",
      "J-BOND's γ term has the sign printed in Algorithm 2 (pushes away from the anchor)"),
-    ("kernels/jbond_loss.py", "    forward_term = -best_anchor_seq\n", "    forward_term = -best_anchor_seq.detach()\n",
+    ("fastbond/kernels/jbond_loss.py", "    forward_term = -best_anchor_seq\n", "    forward_term = -best_anchor_seq.detach()\n",
      "J-BOND's forward term carries no gradient"),
     # LoRA (docs/lora.md): each runs the LoRA tests
     ("fastbond/lora.py", "self._setup(adapter_parameters(wrapped, POLICY), adapter_parameters(wrapped, ANCHOR),",

@@ -230,8 +230,9 @@ def _save_tokenizer(tokenizer, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _build_into(directory: Path, seed: int, steps: int, batch_size: int) -> dict:
-    """Pretrain π_ref and write model, tokenizer, prompts and metadata into `directory`."""
+def _build_into(directory: Path, seed: int, steps: int, batch_size: int, weights: Path | None = None) -> dict:
+    """Pretrain π_ref (or load `weights`) and write model, tokenizer, prompts and metadata into `directory`."""
+    from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
     started = time.perf_counter()
@@ -239,7 +240,12 @@ def _build_into(directory: Path, seed: int, steps: int, batch_size: int) -> dict
     with cpu_threads(1), torch.random.fork_rng(devices=[]):  # fork: leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         model = LlamaForCausalLM(reference_config(tokenizer))
-        losses = pretrain(model, tokenizer, corpus(steps * batch_size, seed=seed), batch_size=batch_size)
+        if weights is None:
+            losses = pretrain(model, tokenizer, corpus(steps * batch_size, seed=seed), batch_size=batch_size)
+        else:
+            model.load_state_dict(load_file(str(weights)), strict=True)
+            model.eval()
+            losses = []
         heldout_docs = sample_documents(2048, seed=seed + 1_000_003)
         heldout = heldout_loss(model, tokenizer, [full_text(p, r) for p, r, _ in heldout_docs])
     entropy = entropy_per_token(heldout_docs)
@@ -264,9 +270,10 @@ def _build_into(directory: Path, seed: int, steps: int, batch_size: int) -> dict
         "max_new_tokens": MAX_NEW_TOKENS,
         "vocab_size": len(tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": "pretrained here" if weights is None else f"loaded from {weights.name}",
         "pretrain_steps": steps,
         "pretrain_batch_size": batch_size,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
         "heldout_loss": heldout,
         "entropy": entropy,  # nats/token of the same held-out documents: the loss floor
         "uniform_loss": math.log(len(tokenizer)),
@@ -279,7 +286,12 @@ def _build_into(directory: Path, seed: int, steps: int, batch_size: int) -> dict
 
 
 def build_embedded_reference(
-    cache_dir: str | Path | None = None, seed: int = 0, *, steps: int = 300, batch_size: int = 64
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    *,
+    steps: int = 300,
+    batch_size: int = 64,
+    weights: str | Path | None = None,
 ) -> Path:
     """The directory of the embedded π_ref, built on first use and reused after.
 
@@ -294,6 +306,13 @@ def build_embedded_reference(
     complete copy. The cache is keyed by version and seed only: `steps` and
     `batch_size` exist so tests can make a quick build in a directory of
     their own.
+
+    `weights` (a model.safetensors of this version's π_ref) is loaded instead
+    of pretraining. Pretraining sums floats in the order of the CPU's vector
+    units, so two machines build slightly different π_refs from one seed; the
+    tests build theirs from weights kept in the repository
+    (tests/fastbond/data/, written by tools/test_reference.py), so numbers
+    pinned on one machine hold on another.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     target = root / f"embedded-{VERSION}-seed{seed}"
@@ -302,7 +321,7 @@ def build_embedded_reference(
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        _build_into(scratch, seed, steps, batch_size)
+        _build_into(scratch, seed, steps, batch_size, None if weights is None else Path(weights))
         if target.exists() and not (target / META_FILE).is_file():
             shutil.rmtree(target)  # an incomplete directory left by hand or by an old version
         try:

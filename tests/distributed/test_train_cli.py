@@ -55,12 +55,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, reference_weights):
     """The embedded π_ref built once here, so the ranks only read it."""
     from fastbond.embedded import build_embedded_reference
 
     root = tmp_path_factory.mktemp("fastbond-cache")
-    build_embedded_reference(root)
+    build_embedded_reference(root, weights=reference_weights)
     return root
 
 
@@ -126,6 +126,7 @@ def assert_same_run(ranks: Path, one: Path) -> None:
     assert max_diff(weights(ranks / "policy"), initial) > 1e-4  # the third step did move the policy
 
 
+@pytest.mark.smoke
 def test_zero3_trains_like_one_process(zero3, one_process):
     assert_same_run(zero3, one_process)
     anchor = sorted(p.name for p in (zero3 / "checkpoints" / "step-000003" / "anchor").iterdir())

@@ -29,11 +29,11 @@ VLLM = ["rollout.engine=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, reference_weights):
     from fastbond.embedded import build_embedded_reference
 
     root = tmp_path_factory.mktemp("fastbond-cache")
-    build_embedded_reference(root)
+    build_embedded_reference(root, weights=reference_weights)
     return root
 
 

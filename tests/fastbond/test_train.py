@@ -64,6 +64,7 @@ def test_fused_logprobs_match_the_models_own_logits(reference):
     assert (fused[drawn.response_mask] < 0).all()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_trains_a_few_steps(tmp_path, embedded_reference, algorithm):
     config = tiny_config(tmp_path, algorithm=algorithm)

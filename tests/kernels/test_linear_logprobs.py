@@ -111,6 +111,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("backend", BACKENDS)

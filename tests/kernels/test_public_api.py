@@ -6,8 +6,11 @@ import importlib
 import inspect
 from pathlib import Path
 
+import pytest
+
 import fastbond.kernels as kernels
 
+pytestmark = pytest.mark.smoke
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ["linear_logprobs", "jbond_loss", "jbond_linear_loss", "ema_"]
 REFERENCES = ["linear_logprobs_ref", "jbond_loss_ref", "jbond_linear_loss_ref", "ema_reference"]

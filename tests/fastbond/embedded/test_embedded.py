@@ -111,6 +111,17 @@ def test_reference_learned_the_grammar(reference, embedded_reference):
     assert meta["heldout_loss"] < meta["entropy"] + 0.05 < meta["uniform_loss"]
 
 
+def test_pretraining_on_this_machine_reaches_the_stored_weights(tmp_path, embedded_reference):
+    """The tests run on stored weights; `fastbond train` pretrains on the user's machine. Both reach
+    the grammar's entropy, and they differ by the CPU's float order only (measured: identical bytes
+    on the machine that wrote them)."""
+    fresh = json.loads((embedded.build_embedded_reference(tmp_path) / embedded.META_FILE).read_text())
+    stored = json.loads((embedded_reference / embedded.META_FILE).read_text())
+    assert fresh["weights"] == "pretrained here" and stored["weights"].startswith("loaded from embedded-")
+    assert fresh["heldout_loss"] < fresh["entropy"] + 0.05
+    assert abs(fresh["heldout_loss"] - stored["heldout_loss"]) < 0.01
+
+
 def test_reference_generates_grammatical_responses_that_end_with_eos(reference):
     model, tokenizer = reference
     _, evaluation = embedded.prompt_splits(seed=0)
@@ -172,8 +183,8 @@ def test_a_failed_build_leaves_no_directory(tmp_path, monkeypatch):
 def test_a_concurrent_build_that_finished_first_wins(tmp_path, monkeypatch):
     real_build = reference_build._build_into
 
-    def build_while_another_finishes(directory, seed, steps, batch_size):
-        meta = real_build(directory, seed, steps, batch_size)
+    def build_while_another_finishes(directory, seed, steps, batch_size, weights=None):
+        meta = real_build(directory, seed, steps, batch_size, weights)
         other = tmp_path / f"embedded-{embedded.VERSION}-seed{seed}"
         other.mkdir()
         (other / embedded.META_FILE).write_text("{}")

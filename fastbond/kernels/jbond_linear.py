@@ -76,7 +76,7 @@ sized GEMM, N = N_p + N_b tokens):
    after the first optimizer step on a rollout; their error is of the order
    of the signal in ℓ − a (the KL estimate, the γ term, the return), and the
    loss value and metrics would not be the trained policy's. They are fine
-   for logging (see kernels/jbond_loss.py).
+   for logging (see fastbond/kernels/jbond_loss.py).
 3. *Chunk whole sequences* — process groups of sequences, each fully (fwd and
    grads) before the next. A baseline per group changes the estimator (fewer
    samples, not SPEC §5's batch mean). Keeping the batch baseline exactly is

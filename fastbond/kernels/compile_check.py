@@ -54,7 +54,7 @@ from pathlib import Path
 
 from fastbond.kernels.tuning import ARCHS, SHARED_MEMORY_PER_BLOCK, Launch
 
-RECORD = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile-check.json"
+RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compile-check.json"
 # Flags only the CPU interpreter sets: a CUDA launch always has them False.
 CPU_ONLY_FLAGS = frozenset({"INTERPRETED"})
 # Every module with a Triton kernel; each lists its launches in `cuda_launches(arch)`.

@@ -22,7 +22,7 @@ The update is `torch.lerp`'s formula in fp32, a + w·(p − a) for w < 0.5 and
 p − (1 − w)·(p − a) otherwise, so η = 0 leaves the anchor as it is and η = 1
 copies the policy exactly.
 
-Backends (one signature, `kernels/_backend.py`):
+Backends (one signature, `fastbond/kernels/_backend.py`):
 
 * `reference` — a per-tensor torch loop in fp32: the oracle.
 * `chunked`   — `torch._foreach_lerp_` over groups of tensors of one dtype,

@@ -44,7 +44,7 @@ Accumulation is fp32 whatever the input dtype (fp32/bf16/fp16); gradients come
 back in the input dtype. float64 inputs go through `chunked` under
 `backend="triton"` (Triton's fp32 accumulation would silently lower them).
 
-Design of the fused-linear form (implemented in `kernels/jbond_linear.py`)
+Design of the fused-linear form (implemented in `fastbond/kernels/jbond_linear.py`)
 -------------------------------------------------------------------------
 The form that starts from final hidden states — policy samples and better-
 anchor samples, the LM head, the anchor's token log-probs and the rewards —
