@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
+import sys
 
 PACKAGES = ["torch", "transformers", "deepspeed", "peft", "triton", "kernels"]
 
@@ -28,7 +30,12 @@ def installed_version(name: str) -> str:
 
 
 def kernels_origin() -> str:
-    spec = importlib.util.find_spec("kernels")
+    """Where `import kernels` resolves from the current directory, as `python -m …` launched there sees it."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec("kernels")
+    finally:
+        sys.path.pop(0)
     if spec is None:
         return "nowhere"
     return spec.origin or f"a namespace package: {list(spec.submodule_search_locations or [])}"
@@ -37,7 +44,7 @@ def kernels_origin() -> str:
 def main() -> None:
     versions = [f"python {platform.python_version()}"] + [f"{name} {installed_version(name)}" for name in PACKAGES]
     print(" · ".join(versions))
-    print(f"import kernels → {kernels_origin()}")
+    print(f"import kernels (from {os.getcwd()}) → {kernels_origin()}")
 
 
 if __name__ == "__main__":

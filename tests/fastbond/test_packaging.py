@@ -33,12 +33,17 @@ def _tool(name: str):
 constraints = _tool("constraints")
 
 
+NOT_LAUNCHED_FROM = {"fastbond", "build", "dist"}  # the package itself; setuptools' build output
+
+
 def launch_folders() -> list[Path]:
-    """Every folder of the repository a launch may put first on sys.path: the root and each source folder."""
+    """Every folder of the repository a launch may put first on sys.path: the root and each folder of
+    tests, benchmarks, tools or examples."""
     folders = {ROOT}
     for path in ROOT.rglob("*.py"):
         relative = path.relative_to(ROOT)
-        if not any(part.startswith(".") for part in relative.parts) and relative.parts[0] != "fastbond":
+        if not any(part.startswith(".") or part.endswith(".egg-info") for part in relative.parts) \
+                and relative.parts[0] not in NOT_LAUNCHED_FROM:
             folders.add(path.parent)
     return sorted(folders)
 
