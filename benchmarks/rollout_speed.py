@@ -10,7 +10,7 @@ same family a few hundred times larger (`--large`: hidden 512, 8 layers,
 8 heads of 64, vocabulary 32000; about 50M parameters), both fp32 on CPU.
 For each: one batch of prompts, each sampled to at most `max_new_tokens`
 at temperature 1 (top-k and top-p off) by `fastbond.rollout.sample` and by
-`VLLMRollout.draw`, `--repeats` times after a warm-up draw; the best time
+`VLLMRunner.draw`, `--repeats` times after a warm-up draw; the best time
 counts. The weight push into vLLM (what a training step adds before its
 draws) is timed apart. Response lengths differ between engines (different
 draws), so tokens/s is reported beside samples/s.
@@ -113,10 +113,10 @@ def main() -> int:
             entry["generate"] = {"seconds": seconds, "samples_per_s": args.batch / seconds,
                                  "tokens_per_s": tokens / seconds}
             if have_vllm:
-                from fastbond.rollout.vllm_engine import VLLMRollout
+                from fastbond.rollout.vllm_sampler import VLLMRunner
 
                 started = time.perf_counter()
-                engine = VLLMRollout(path, torch.float32, device, seed=0, max_model_len=64 + args.max_new_tokens,
+                engine = VLLMRunner(path, torch.float32, device, seed=0, max_model_len=64 + args.max_new_tokens,
                                      settings=VLLMConfig(cpu_kv_cache_gib=1.0))
                 entry["vllm_build_s"] = time.perf_counter() - started
                 noise = KeyedNoise(0)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastbond import atomic
 from fastbond.errors import FastbondError
 
 TENSOR_KEY = "__tensor__"
@@ -80,21 +81,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -149,11 +135,8 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 def publish(tmp: Path, final: Path, keep: int) -> Path:
     """A completely written temporary checkpoint directory becomes `final` and the latest one:
     flushed, renamed into place, `latest` moved to it, older ones beyond `keep` removed."""
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step: swap the old one out first
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text_atomic(final.parent / "latest", final.name + "\n")
+    atomic.swap_in(tmp, final)  # re-saving the same step replaces it
+    atomic.write_text(final.parent / "latest", final.name + "\n")
     _prune(final.parent, keep)
     return final
 
@@ -282,7 +265,7 @@ def resume_checkpoint(checkpoints_dir: Path, mode, say=print) -> Path:
         if checkpoint_step(later) > checkpoint_step(fallback):
             os.replace(later, aside / later.name)
             moved.append(later.name)
-    _write_text_atomic(checkpoints_dir / "latest", fallback.name + "\n")
+    atomic.write_text(checkpoints_dir / "latest", fallback.name + "\n")
     say(f"resuming from {fallback.name}; moved {', '.join(moved)} aside to {aside} (not deleted)")
     return fallback
 

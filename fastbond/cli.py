@@ -113,6 +113,36 @@ def _run_eval(argv: list[str]) -> int:
     return 0
 
 
+def merge_run(run_dir: Path, out: Path, adapter_dir: Path | None = None) -> Path:
+    """`fastbond merge`: the policy adapter of a LoRA run (the latest checkpoint's, or `adapter_dir`) merged
+    into the run's base, written to `out` as a plain transformers model in the run's compute dtype."""
+    import torch
+
+    from fastbond import atomic
+    from fastbond.checkpoint import latest_checkpoint
+    from fastbond.config import load_config
+    from fastbond.lora import ADAPTER_FILE, base_source, is_adapter_dir, merged_adapter
+    from fastbond.models import compute_dtype, load_policy, load_tokenizer
+
+    if not (run_dir / "config.yaml").is_file():
+        raise FastbondError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml", ["checkpoint.resume=false"])
+    if config.model.lora.r == 0:
+        raise FastbondError(f"{run_dir} is not a LoRA run (model.lora.r=0): its policy/ is already a whole model")
+    if adapter_dir is None:
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise FastbondError(f"{run_dir} has no checkpoint to merge; name an adapter directory with --policy")
+        adapter_dir = checkpoint / "policy"
+    if not is_adapter_dir(adapter_dir):
+        raise FastbondError(f"{adapter_dir} holds no policy adapter ({ADAPTER_FILE})")
+    source = base_source(config)
+    base = load_policy(config, source, compute_dtype(config), torch.device("cpu"))
+    merged = merged_adapter(base, config.model.lora, adapter_dir)
+    return atomic.save_pretrained(merged, load_tokenizer(source, config.model.trust_remote_code), out)
+
+
+
 def _run_merge(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastbond merge",
@@ -123,8 +153,6 @@ def _run_merge(argv: list[str]) -> int:
     parser.add_argument("out", help="directory to write the merged model to (replaced atomically)")
     parser.add_argument("--policy", help="the adapter directory to merge (default: the latest checkpoint's policy/)")
     args = parser.parse_args(argv)
-    from fastbond.lora import merge_run
-
     out = merge_run(Path(args.run_dir), Path(args.out), Path(args.policy) if args.policy else None)
     print(f"merged policy written to {out}")
     return 0
@@ -148,7 +176,8 @@ def _run_plan(argv: list[str]) -> int:
                              "(default 80)")
     args = parser.parse_args(argv)
     from fastbond.config import load_config, replace_lora
-    from fastbond.plan import fit_line, format_plan, lora_against_full, plan_for_config
+    from fastbond.memory import format_plan
+    from fastbond.plan import fit_line, lora_against_full, plan_for_config
     from fastbond.presets import embedded_preset
 
     path, overrides = _split_config_args(args)

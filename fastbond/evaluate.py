@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastbond import atomic
 from fastbond.bon import bon_kl_bound
 from fastbond.errors import FastbondError
 from fastbond.logprobs import response_logprobs
-from fastbond.rollout import encode_prompts, sample
+from fastbond.rollout import Prompts, encode_prompts
+from fastbond.rollout.sampler import GenerateSampler, Sampler
 
 BON_SIZES = (1, 2, 4, 8, 16)
 EVAL_FILE = "eval.json"
@@ -54,12 +55,18 @@ def _encoded(tokenizer, prompts: list[str], samples: int, max_prompt_tokens: int
     return texts, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
 
 
+def _sampler(sampler: Sampler | None, tokenizer, max_new_tokens: int, temperature: float) -> Sampler:
+    """The sampler to judge with: the one given, or transformers' `generate` with the global generator."""
+    return sampler if sampler is not None else GenerateSampler(tokenizer, max_new_tokens, temperature)
+
+
 def _judge_policy(policy, reference, tokenizer, reward_fn, chunk: list[str], samples: int, *, max_new_tokens: int,
-                  max_prompt_tokens: int, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_prompt_tokens: int, temperature: float, backend: str,
+                  sampler: Sampler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[c, samples] rewards of single policy samples on `chunk`, and log π(y) − log π_ref(y) of each."""
     device = next(policy.parameters()).device
     texts, ids, mask = _encoded(tokenizer, chunk, samples, max_prompt_tokens, device)
-    drawn = sample(policy, tokenizer, ids, mask, max_new_tokens, temperature)
+    drawn = _sampler(sampler, tokenizer, max_new_tokens, temperature).draw(policy, Prompts(texts, ids, mask))
     rewards = reward_fn(texts, drawn.texts).view(len(chunk), samples).cpu()
     response = drawn.response_mask
     ell = (response_logprobs(policy, drawn, temperature, backend) * response).sum(-1)
@@ -68,11 +75,11 @@ def _judge_policy(policy, reference, tokenizer, reward_fn, chunk: list[str], sam
 
 
 def _reference_rewards(reference, tokenizer, reward_fn, chunk: list[str], samples: int, *, max_new_tokens: int,
-                       max_prompt_tokens: int, temperature: float) -> torch.Tensor:
+                       max_prompt_tokens: int, temperature: float, sampler: Sampler | None = None) -> torch.Tensor:
     """[c, samples] rewards of π_ref samples on `chunk`, for the Best-of-N estimates."""
     device = next(reference.parameters()).device
     texts, ids, mask = _encoded(tokenizer, chunk, samples, max_prompt_tokens, device)
-    drawn = sample(reference, tokenizer, ids, mask, max_new_tokens, temperature)
+    drawn = _sampler(sampler, tokenizer, max_new_tokens, temperature).draw(reference, Prompts(texts, ids, mask))
     return reward_fn(texts, drawn.texts).view(len(chunk), samples).cpu()
 
 
@@ -126,9 +133,12 @@ def evaluate(
     reference_samples: int = 16,
     batch_size: int = 64,
     backend: str = "auto",
+    sampler: Sampler | None = None,
 ) -> dict:
-    """Metrics of `policy` against BoN sampling of `reference` on `prompts`."""
-    sizes = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, temperature=temperature)
+    """Metrics of `policy` against BoN sampling of `reference` on `prompts`, sampled by `sampler`
+    (default: transformers' `generate` with the global torch generator)."""
+    sizes = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, temperature=temperature,
+                 sampler=_sampler(sampler, tokenizer, max_new_tokens, temperature))
     policy_rewards, ref_rewards, kls = [], [], []
     # Policy and π_ref samples alternate chunk by chunk, so the random stream (and every number of
     # an evaluation) is the same as it always was.
@@ -204,9 +214,7 @@ def write_evaluation(path, result: dict, on_nonfinite: str) -> dict:
         if on_nonfinite == "stop":
             raise FastbondError(f"{what}; {path.name} was not written (on_nonfinite=stop)")
         print(f"warning: {what}; written as null in {path}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(clean, indent=2, allow_nan=False))
     return clean
 
 

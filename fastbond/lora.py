@@ -258,32 +258,6 @@ def merged_adapter(base: nn.Module, lora_config, path: Path) -> nn.Module:
     return wrapped.merge_and_unload()
 
 
-def merge_run(run_dir: Path, out: Path, adapter_dir: Path | None = None) -> Path:
-    """`fastbond merge`: the policy adapter of a LoRA run (the latest checkpoint's, or `adapter_dir`) merged
-    into the run's base, written to `out` as a plain transformers model in the run's compute dtype."""
-    from fastbond.checkpoint import latest_checkpoint
-    from fastbond.config import load_config
-    from fastbond.engines.local import save_pretrained_atomic
-    from fastbond.models import compute_dtype, load_policy, load_tokenizer
-
-    if not (run_dir / "config.yaml").is_file():
-        raise FastbondError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml", ["checkpoint.resume=false"])
-    if config.model.lora.r == 0:
-        raise FastbondError(f"{run_dir} is not a LoRA run (model.lora.r=0): its policy/ is already a whole model")
-    if adapter_dir is None:
-        checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        if checkpoint is None:
-            raise FastbondError(f"{run_dir} has no checkpoint to merge; name an adapter directory with --policy")
-        adapter_dir = checkpoint / "policy"
-    if not is_adapter_dir(adapter_dir):
-        raise FastbondError(f"{adapter_dir} holds no policy adapter ({ADAPTER_FILE})")
-    source = base_source(config)
-    base = load_policy(config, source, compute_dtype(config), torch.device("cpu"))
-    merged = merged_adapter(base, config.model.lora, adapter_dir)
-    return save_pretrained_atomic(merged, load_tokenizer(source, config.model.trust_remote_code), out)
-
-
 def adapter_of(wrapped, model) -> str | None:
     """The adapter a role samples with: an `AdapterRole`'s own (None for π_ref), else the policy's."""
     return model.adapter if isinstance(model, AdapterRole) else POLICY
@@ -306,7 +280,7 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def merged_weights(wrapped, adapter: str | None, gathered=None):
     """(checkpoint name, tensor) of the base with `adapter` merged in (None: the base alone), one weight at a
-    time: what an inference engine without this model's adapters loads (`rollout.engine=vllm`), and the
+    time: what an inference engine without this model's adapters loads (`rollout.backend=vllm`), and the
     merged export. W + ΔW is summed in fp32 and rounded once to W's dtype.
 
     `gathered(params)`: the engine's context that makes ZeRO-3 parameters whole (`Engine.gathered`); each
@@ -332,6 +306,21 @@ def merged_weights(wrapped, adapter: str | None, gathered=None):
         with gather([param, *factors]):
             merged = _whole(param).float() + layer.get_delta_weight(adapter).float()
             yield _checkpoint_name(name), merged.to(param.dtype)
+
+
+class AdapterWeights:
+    """Each role's weights for a sampler that holds its own copy (`rollout.backend=vllm`): the base with the
+    role's adapter merged in (π_ref: the base alone), one weight at a time (`merged_weights`)."""
+
+    def __init__(self, wrapped, gathered=None):
+        self.wrapped = wrapped
+        self.gathered = gathered
+
+    def stream(self, role):
+        return merged_weights(self.wrapped, adapter_of(self.wrapped, role), self.gathered)
+
+    def shapes(self, role) -> dict[str, tuple[int, ...]]:
+        return merged_shapes(self.wrapped)
 
 
 def merged_state_dict(wrapped, gathered=None, keep: bool = True) -> dict[str, torch.Tensor] | None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from fastbond import atomic
 from fastbond.errors import FastbondError
 
 
@@ -52,12 +52,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [record for record in read_metrics(self.path) if record["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": step}

@@ -94,7 +94,7 @@ def compute_dtype(config) -> torch.dtype:
 
 def resolve_model_path(path: str) -> str:
     """A model directory as written in the config; "embedded" builds (or reuses) the embedded π_ref."""
-    from fastbond.config import EMBEDDED
+    from fastbond.embedded import EMBEDDED
 
     if path != EMBEDDED:
         return path

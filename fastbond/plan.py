@@ -34,7 +34,7 @@ LoRA (`model.lora.r > 0`) plans the frozen base (cΨ, or cS at ZeRO-3; it is
 moments, and for the anchor adapter and its EMA state. In one process the
 adapters are fp32 and the anchor adapter is its own EMA state.
 
-`measured_rows` reads the same rows off a running job (the memory report at
+`fastbond.memory.measured_rows` reads the same rows off a running job (the memory report at
 start), so the plan and the run can be compared line by line.
 """
 
@@ -47,8 +47,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastbond.config import EMBEDDED, TrainConfig
+from fastbond.config import TrainConfig
+from fastbond.embedded import EMBEDDED
 from fastbond.errors import FastbondError
+from fastbond.memory import Plan
 
 # Numbers from the models' published config.json files.
 PRESETS: dict[str, dict] = {
@@ -169,31 +171,6 @@ def resolve_shape(spec: str, classifier: bool = False) -> ModelShape:
 # --------------------------------------------------------------------------- #
 # the plan
 # --------------------------------------------------------------------------- #
-
-
-@dataclass
-class Row:
-    what: str
-    device: int = 0  # bytes per rank on the accelerator
-    host: int = 0  # bytes per rank in CPU memory
-    transient: bool = False
-
-
-@dataclass
-class Plan:
-    title: str
-    notes: list[str] = field(default_factory=list)
-    rows: list[Row] = field(default_factory=list)
-
-    def add(self, what: str, nbytes: int, on_host: bool = False, transient: bool = False) -> None:
-        self.rows.append(Row(what, 0 if on_host else nbytes, nbytes if on_host else 0, transient))
-
-    def totals(self) -> tuple[int, int]:
-        steady = [r for r in self.rows if not r.transient]
-        return sum(r.device for r in steady), sum(r.host for r in steady)
-
-    def row(self, what: str) -> Row:
-        return next(r for r in self.rows if r.what.startswith(what))
 
 
 def _sharding(config: TrainConfig) -> str:
@@ -343,110 +320,6 @@ def plan_for_config(config: TrainConfig, ranks: int, model: str | None = None, r
     if config.reward.kind == "model" or reward:
         reward_shape = resolve_shape(reward or config.reward.name, classifier=True)
     return plan_memory(config, ranks, policy_shape, reference_shape, reward_shape, config.algorithm.needs_anchor)
-
-
-# --------------------------------------------------------------------------- #
-# measured, on a running job
-# --------------------------------------------------------------------------- #
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    shard = getattr(param, "ds_tensor", None)
-    return shard if shard is not None else param.data
-
-
-def _split(tensors) -> tuple[int, int]:
-    device = host = 0
-    seen = set()
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        nbytes = t.numel() * t.element_size()
-        if t.device.type == "cpu":
-            host += nbytes
-        else:
-            device += nbytes
-    return device, host
-
-
-def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.Module | None = None,
-                  reward: nn.Module | None = None, on_accelerator: bool = True, masters=None,
-                  adapters=None) -> Plan:
-    """The plan's rows read off live tensors of this rank (shards under ZeRO-3).
-
-    `optimizer`: the torch optimizer that steps (its state holds the moments).
-    `masters`: the fp32 master tensors when the optimizer does not keep them
-    in its parameter groups (DeepSpeed hands ZeRO-3's flat partitions to it
-    only during a step); by default its parameters, minus the policy's own
-    storage. With `on_accelerator=False` (a CPU run) everything counts as
-    device memory. `adapters` (LoRA): `policy` is the base with both adapters
-    injected; its rows are the base, the policy adapter and the anchor adapter.
-    """
-    plan = Plan("measured on this rank")
-
-    def add(what, tensors):
-        device, host = _split(tensors)
-        if not on_accelerator:
-            device, host = device + host, 0
-        plan.rows.append(Row(what, device, host))
-
-    if adapters is None:
-        add("policy params", [_local(p) for p in policy.parameters()])
-    else:
-        from fastbond.lora import POLICY, adapter_parameters
-
-        add("base params", [_local(p) for name, p in policy.named_parameters() if "lora_" not in name])
-        add("policy adapter", [_local(p) for _, p in adapter_parameters(adapters, POLICY)])
-    if optimizer is not None:
-        own = {_local(p).untyped_storage().data_ptr() for p in policy.parameters()}
-        if masters is None:
-            masters = [p for group in optimizer.param_groups for p in group["params"]]
-        add("fp32 master weights", [t for t in masters if t.untyped_storage().data_ptr() not in own])
-        add("Adam moments (fp32 m, v)", [v for state in optimizer.state.values() for v in state.values()
-                                         if isinstance(v, torch.Tensor) and v.dim() > 0])
-    if anchor is not None:
-        if adapters is None:
-            add("anchor params", [_local(p) for p in anchor.model.parameters()])
-        else:
-            add("anchor adapter", [_local(p) for _, p in anchor.anchor_parameters])
-        add("anchor EMA state (fp32)", [] if anchor.shadow is None else anchor.state)
-    if reference is not None:
-        add("reference", [_local(p) for p in reference.parameters()])
-    if reward is not None:
-        add("reward", [_local(p) for p in reward.parameters()])
-    return plan
-
-
-# --------------------------------------------------------------------------- #
-# printing
-# --------------------------------------------------------------------------- #
-
-
-def _human(nbytes: int) -> str:
-    return f"{nbytes / 2**30:8.2f} GiB" if nbytes else "       -    "
-
-
-def format_plan(plan: Plan, header: str = "") -> str:
-    width = max(len(r.what) for r in plan.rows) + 2
-    lines = [header] if header else []
-    lines.append(plan.title)
-    lines += [f"  {note}" for note in plan.notes if not note.startswith("not counted")]
-    lines.append(f"{'per rank':<{width}}{'device bytes':>17} {'':12}{'host bytes':>17}")
-    for row in [r for r in plan.rows if not r.transient]:
-        lines.append(f"{row.what:<{width}}{row.device:>17,} {_human(row.device)}{row.host:>17,} {_human(row.host)}")
-    device, host = plan.totals()
-    lines.append(f"{'total':<{width}}{device:>17,} {_human(device)}{host:>17,} {_human(host)}")
-    transient = [r for r in plan.rows if r.transient]
-    if transient:
-        lines.append("transient (device, on top of the total):")
-        for row in transient:
-            lines.append(f"  {row.what:<{width - 2}}{row.device:>17,} {_human(row.device)}")
-    lines += [f"  {note}" for note in plan.notes if note.startswith("not counted")]
-    return "\n".join(lines)
 
 
 def fit_line(plan: Plan, gpu_gib: float) -> str:

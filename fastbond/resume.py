@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
+from fastbond.config import RENAMED_KEYS
 from fastbond.errors import FastbondError
 
 # Changes the saved state cannot carry over, and why.
@@ -41,8 +42,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every key that differs, in the new config's order."""
-    before, after = flatten(old), flatten(new)
+    """(key, old value, new value) for every key that differs, in the new config's order; keys renamed
+    since `old` was saved are compared under their new names."""
+    before = {RENAMED_KEYS.get(key, key): value for key, value in flatten(old).items()}
+    after = flatten(new)
     keys = list(after) + [k for k in before if k not in after]
     missing = object()
     return [(k, before.get(k, missing), after.get(k, missing)) for k in keys

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from fastbond import atomic
 from fastbond.algorithms import make_algorithm
 from fastbond.algorithms.base import Algorithm, Context
 from fastbond.checkpoint import (
@@ -44,15 +45,16 @@ from fastbond.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from fastbond.config import EMBEDDED, TrainConfig, to_dict
+from fastbond.config import TrainConfig, to_dict
 from fastbond.data import PromptStream, check_prompt_lengths, resolve_prompts
+from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
 from fastbond.metrics_log import MetricsLog, read_metrics
-from fastbond.models import compute_dtype, model_sources
 from fastbond.process import prepare_process
 from fastbond.resume import check_resume, prompts_fingerprint
-from fastbond.rollout import KeyedNoise, Prompts, combine_keys, encode_prompts
+from fastbond.rollout import Prompts, combine_keys, encode_prompts
+from fastbond.rollout.backends import make_sampler
 from fastbond.run_dir import RunDirLock, claim, disk_errors
 
 
@@ -152,7 +154,7 @@ def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: l
 
 def setup_run(config: TrainConfig) -> Run:
     engine = make_engine(config)
-    # Each rank its own random stream (rollout.sampler=torch draws from it); rank 0 the run's seed.
+    # Each rank its own random stream (rollout.noise=torch draws from it); rank 0 the run's seed.
     prepare_process(config, engine.device, config.seed if engine.main else combine_keys(config.seed, engine.rank))
     run_dir = Path(config.run_dir)
     # everything that can be checked without the models, before they load
@@ -163,18 +165,6 @@ def setup_run(config: TrainConfig) -> Run:
         if lock is not None:
             lock.release()
         raise
-
-
-def rollout_engine(config: TrainConfig, engine: Engine, adapters=None):
-    """rollout.engine=vllm: this rank's colocated vLLM engine, built now that the process group exists."""
-    if config.rollout.engine != "vllm":
-        return None
-    from fastbond.rollout.vllm_engine import VLLMRollout
-
-    return VLLMRollout(model_sources(config)[0], compute_dtype(config), engine.device, seed=config.seed,
-                       max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                       settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code,
-                       gathered=engine.gathered, adapters=adapters)
 
 
 def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:
@@ -192,14 +182,13 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
     check_prompt_lengths(models.tokenizer, train_prompts, limit, f"data.prompts ({config.data.prompts})")
     check_prompt_lengths(models.tokenizer, eval_prompts, limit, f"data.eval_prompts ({config.data.eval_prompts})")
 
-    vllm = rollout_engine(config, engine, models.adapters)
+    # built now that the process group exists (a colocated vLLM engine joins this rank's)
+    sampler = make_sampler(config, tokenizer=models.tokenizer, policy=models.policy, generation=engine.generation,
+                           gathered=engine.gathered, device=engine.device, weights=models.role_weights)
     ctx = Context(
         models.policy, models.reference, models.tokenizer, models.reward_fn, models.anchor,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-        generation=engine.generation, batch_sum=engine.batch_sum,
-        # vLLM seeds each request with its row key, so its draws are split-invariant too
-        noise=KeyedNoise(config.seed) if config.rollout.sampler == "keyed" or vllm is not None else None,
-        vllm=vllm,
+        batch_sum=engine.batch_sum, sampler=sampler,
     )
     # The prompt stream is the same on every rank; each takes its share of a batch.
     stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
@@ -283,22 +272,14 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
     share = len(texts) // engine.world  # this rank's prompts of the batch
     first = engine.rank * share
     texts = texts[first : first + share]
-    if ctx.noise is not None:
-        ctx.noise.start_step(run.step + 1)
-    if ctx.vllm is not None:
-        ctx.vllm.start_step(run.step + 1)
+    ctx.sampler.start_step(run.step + 1)
     with timer("generate"):
         ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, engine.device)
         batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
     reward = batch.policy_rewards.float()
     metrics: dict = {"reward": reward.nanmean() if reward.numel() else reward}
-    if ctx.vllm is not None:
-        own = ctx.vllm.gap_ok()
-        if not engine.all_true(own):  # every rank stops, whichever saw the gap
-            raise ctx.vllm.gap_error(run.step + 1) if not own else FastbondError(
-                f"step {run.step + 1}: another rank's vLLM log-probs differ from the trainer's by more than "
-                f"rollout.vllm.max_logp_gap={config.rollout.vllm.max_logp_gap}; see that rank's error")
-        metrics.update(ctx.vllm.pop_metrics())
+    ctx.sampler.check(run.step + 1, engine.all_true)
+    metrics.update(ctx.sampler.metrics())
     finite = all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
     if not engine.all_true(finite):  # all ranks skip together, or none does
         return _skip(run, metrics, "the reward function returned NaN or Inf")
@@ -313,8 +294,7 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
         return _skip(run, metrics, "the loss or its gradient is NaN or Inf")
     with timer("ema"):
         run.algorithm.after_step(ctx, run.step + 1)
-    if ctx.vllm is not None:
-        ctx.vllm.weights_changed()  # the policy moved, and the anchor with it
+    ctx.sampler.after_update()
     run.updating = False
     metrics.update({"grad_norm": grad_norm, "lr": engine.lr, "skipped_steps": run.skipped})
     return metrics
@@ -352,6 +332,7 @@ def train(config: TrainConfig) -> Path:
     try:
         return _train(run)
     finally:
+        run.ctx.sampler.close()
         if run.lock is not None:
             run.lock.release()
 
@@ -361,10 +342,7 @@ def _write_config(run: Run) -> None:
     began (resume, overwrite) is not part of the job: written as off, so the file resumes as is."""
     tree = to_dict(run.config)
     tree["checkpoint"].update(resume=False, overwrite=False)
-    path = run.run_dir / "config.yaml"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
-    tmp.replace(path)
+    atomic.write_text(run.run_dir / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
 
 
 def _train(run: Run) -> Path:

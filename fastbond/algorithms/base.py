@@ -16,7 +16,6 @@ with a tiny model and a stub reward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,40 +25,24 @@ from torch import nn
 from fastbond.algorithms.sections import AlgorithmSection
 from fastbond.kernels.sequences import BatchSum
 from fastbond.logprobs import response_logprobs
-from fastbond.rollout import KeyedNoise, Prompts, Samples, eos_token_ids, sample
+from fastbond.roles import as_module
+from fastbond.rollout import Prompts, Samples
+from fastbond.rollout.sampler import GenerateSampler, Sampler
 
 if TYPE_CHECKING:
     from fastbond.anchor import EMAAnchor, ShardedEMAAnchor
-    from fastbond.rollout.vllm_engine import VLLMRollout
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
-
-
-@contextmanager
-def _as_module(model):
-    """The module to run for `model`: itself, or for a LoRA role (π_ref, the anchor: `fastbond.lora.AdapterRole`)
-    the shared base switched to that role for the duration."""
-    active = getattr(model, "active", None)
-    if active is None:
-        yield model
-    else:
-        with active() as module:
-            yield module
-
-
-def _no_gather(model: nn.Module) -> AbstractContextManager[bool]:
-    """One process: nothing to gather before sampling, and no rank to keep in step with."""
-    return nullcontext(False)
 
 
 @dataclass
 class Context:
     """What an algorithm may use: the models, the reward, how to sample and how to score.
 
-    `generation` and `batch_sum` are the engine's (`fastbond.engines`): under
-    DeepSpeed the first gathers a ZeRO-3 model around sampling and yields
-    whether `generate` needs synced_gpus, the second sums a tensor over the
-    ranks that each hold a share of the batch (for batch-wide baselines).
+    `sampler` draws responses (`fastbond.rollout.sampler`; by default `generate`
+    with `max_new_tokens` and `temperature`). `batch_sum` is the engine's
+    (`fastbond.engines`): under DeepSpeed it sums a tensor over the ranks that
+    each hold a share of the batch (for batch-wide baselines).
     """
 
     policy: nn.Module
@@ -70,31 +53,20 @@ class Context:
     max_new_tokens: int = 64
     temperature: float = 1.0
     backend: str = "auto"
-    generation: Callable[[nn.Module], AbstractContextManager[bool]] = _no_gather
     batch_sum: BatchSum | None = None
-    noise: KeyedNoise | None = None  # rollout.sampler=keyed (and every vllm request's seed): row keys
-    vllm: "VLLMRollout | None" = None  # rollout.engine=vllm: the colocated engine that samples instead of generate
+    sampler: Sampler | None = None
+
+    def __post_init__(self):
+        if self.sampler is None:
+            self.sampler = GenerateSampler(self.tokenizer, self.max_new_tokens, self.temperature)
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
     def draw(self, model: nn.Module, prompts: Prompts) -> Samples:
-        """One response per prompt row from `model`."""
-        keys = self.noise.row_keys(prompts.index, prompts.sample) if self.noise is not None else None
-        if self.vllm is not None:
-            return self._draw_vllm(model, prompts, keys)
-        with _as_module(model) as module, self.generation(module) as synced:
-            return sample(module, self.tokenizer, prompts.ids, prompts.mask, self.max_new_tokens, self.temperature,
-                          synced_gpus=synced, row_keys=keys)
-
-    def _draw_vllm(self, model: nn.Module, prompts: Prompts, keys: torch.Tensor) -> Samples:
-        # EOS ids from the policy: every role shares its architecture and tokenizer (a LoRA role is no module)
-        samples, engine_logps = self.vllm.draw(model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                               keys.tolist(), eos_token_ids(self.policy, self.tokenizer))
-        if self.vllm.checking:  # the trainer's own log-probs of the same tokens
-            self.vllm.record_gap(engine_logps, self.frozen_logps(model, samples), samples.response_mask)
-        return samples
+        """One response per prompt row from `model` (a role: `fastbond.roles`), through the run's sampler."""
+        return self.sampler.draw(model, prompts, self.frozen_logps)
 
     def score(self, prompts: list[str], samples: Samples) -> torch.Tensor:
         """[B] rewards of the samples' responses to `prompts`."""
@@ -108,7 +80,7 @@ class Context:
 
     def logps(self, model: nn.Module, samples: Samples, entropy: bool = False):
         """[B, T] token log-probs (and entropies) of the responses under `model`, through the fused head."""
-        with _as_module(model) as module:
+        with as_module(model) as module:
             return response_logprobs(module, samples, temperature=self.temperature, backend=self.backend,
                                      return_entropy=entropy)
 

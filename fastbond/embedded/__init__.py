@@ -31,68 +31,59 @@ entropy is known exactly and the reference model's loss can be compared to it.
 
     grammar.py     the documents, their exact log-probabilities, the prompts
     reference.py   tokenizer, tiny Llama, pretraining, the cached build
+
+`EMBEDDED` is the config value that names this world (`model.policy`,
+`data.prompts`). Importing the package is light (no torch): the config reads
+`EMBEDDED` before anything heavy loads, and the names below load their module
+on first use.
 """
 
-from fastbond.embedded.grammar import (
-    ASPECTS,
-    INTENSIFIERS,
-    NEGATIVE,
-    NEUTRAL,
-    POSITIVE,
-    all_prompts,
-    corpus,
-    corpus_entropy,
-    full_text,
-    prompt_splits,
-    sample_documents,
-    vocabulary,
-    write_prompts_jsonl,
-)
-from fastbond.embedded.reference import (
-    EVAL_PROMPTS_FILE,
-    MAX_NEW_TOKENS,
-    META_FILE,
-    REWARD_NAME,
-    TRAIN_PROMPTS_FILE,
-    VERSION,
-    build_embedded_reference,
-    build_tokenizer,
-    cpu_threads,
-    default_cache_root,
-    heldout_loss,
-    load_reference,
-    pretrain,
-    reference_config,
-    sample_responses,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ASPECTS",
-    "INTENSIFIERS",
-    "NEGATIVE",
-    "NEUTRAL",
-    "POSITIVE",
-    "VERSION",
-    "MAX_NEW_TOKENS",
-    "REWARD_NAME",
-    "META_FILE",
-    "TRAIN_PROMPTS_FILE",
-    "EVAL_PROMPTS_FILE",
-    "sample_documents",
-    "corpus",
-    "corpus_entropy",
-    "vocabulary",
-    "build_tokenizer",
-    "reference_config",
-    "pretrain",
-    "heldout_loss",
-    "all_prompts",
-    "prompt_splits",
-    "write_prompts_jsonl",
-    "full_text",
-    "sample_responses",
-    "cpu_threads",
-    "default_cache_root",
-    "build_embedded_reference",
-    "load_reference",
-]
+import importlib
+
+EMBEDDED = "embedded"  # model.policy / data.prompts / data.eval_prompts: the built-in world, made locally
+
+# name → the module of this package that defines it
+_HOME = {
+    "ASPECTS": "grammar",
+    "INTENSIFIERS": "grammar",
+    "NEGATIVE": "grammar",
+    "NEUTRAL": "grammar",
+    "POSITIVE": "grammar",
+    "all_prompts": "grammar",
+    "corpus": "grammar",
+    "corpus_entropy": "grammar",
+    "full_text": "grammar",
+    "prompt_splits": "grammar",
+    "sample_documents": "grammar",
+    "vocabulary": "grammar",
+    "write_prompts_jsonl": "grammar",
+    "EVAL_PROMPTS_FILE": "reference",
+    "MAX_NEW_TOKENS": "reference",
+    "META_FILE": "reference",
+    "REWARD_NAME": "reference",
+    "TRAIN_PROMPTS_FILE": "reference",
+    "VERSION": "reference",
+    "build_embedded_reference": "reference",
+    "build_tokenizer": "reference",
+    "cpu_threads": "reference",
+    "default_cache_root": "reference",
+    "heldout_loss": "reference",
+    "load_reference": "reference",
+    "pretrain": "reference",
+    "reference_config": "reference",
+    "sample_responses": "reference",
+}
+
+__all__ = ["EMBEDDED", *_HOME]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

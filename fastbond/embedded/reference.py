@@ -73,7 +73,7 @@ def reference_config(tokenizer):
     """The tiny Llama of π_ref: 2 layers, hidden 64, 2 heads of 32; untied embeddings like most real LMs.
 
     Head size 32, not 16: vLLM's CPU attention has no kernel below 32
-    (rollout.engine=vllm); 2 × 32 has the parameters of 4 × 16.
+    (rollout.backend=vllm); 2 × 32 has the parameters of 4 × 16.
     """
     from transformers import LlamaConfig
 

@@ -38,6 +38,8 @@ class Models:
     reward_fn: Any  # fastbond.rewards.RewardFunction
     anchor: Any = None  # fastbond.anchor.EMAAnchor / ShardedEMAAnchor, when the algorithm has one
     adapters: Any = None  # model.lora: the PEFT model holding the policy and anchor adapters (fastbond.lora)
+    # each role's weights for a sampler that holds its own copy (vLLM); None: the role modules' own parameters
+    role_weights: Any = None
 
 
 class Engine(ABC):

@@ -10,14 +10,13 @@ state is fp32), atomic checkpoints (`fastbond.checkpoint`) and the export.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastbond import atomic
 from fastbond.anchor import EMAAnchor
 from fastbond.checkpoint import load_checkpoint, save_checkpoint
 from fastbond.config import OptimConfig, replace_lora
@@ -91,19 +90,6 @@ class TorchOptimizer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> Path:
-    """`model` (and its tokenizer) in transformers format, safetensors, replacing `path` in one rename.
-    `state_dict`: the tensors to write instead of the model's own (a merged LoRA policy)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
 def load_models(config, policy_path: str | Path | None, device: torch.device, needs_anchor: bool = False) -> Models:
     """A run's models in one process on `device`: the policy from `policy_path` (default: its
     initial source) with fp32 weights, π_ref and a reward model in the compute dtype, and an
@@ -160,6 +146,7 @@ def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool,
         reward_fn=load_run_reward(config, tokenizer, device, compute_dtype(config)),
         anchor=lora.AdapterAnchor(wrapped) if needs_anchor else None,
         adapters=wrapped,
+        role_weights=lora.AdapterWeights(wrapped),
     )
 
 
@@ -219,6 +206,6 @@ class LocalEngine(Engine):
             from fastbond import lora
 
             merged = lora.merged_state_dict(self.models.adapters)
-            save_pretrained_atomic(self.models.policy, self.models.tokenizer, path, state_dict=merged)
+            atomic.save_pretrained(self.models.policy, self.models.tokenizer, path, state_dict=merged)
             return
-        save_pretrained_atomic(self.models.policy, self.models.tokenizer, path)
+        atomic.save_pretrained(self.models.policy, self.models.tokenizer, path)

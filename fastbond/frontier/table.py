@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fastbond import atomic
 
 
 def write_json(path: Path, value) -> None:
     """Strict JSON, written atomically: an interrupted write leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
 
 
 def _pm(value: float, ci: float, digits: int = 3) -> str:

@@ -1,16 +1,18 @@
 """Rollouts: the prompts of a step, the responses sampled for them, and how they are sampled.
 
-    samples.py    `Prompts` (a step's prompts and their place in the whole batch) and `Samples`
-                  (left-padded prompts + right-padded responses, the response mask), packing helpers
-    generate.py   `sample`: one response per row with transformers' `generate`, from π itself
-                  (top-k and top-p off), and `encode_prompts`
-    keyed.py      `rollout.sampler: keyed`: Gumbel-max with hashed noise, so a row's draw does not
-                  depend on how the batch is split over ranks
-    vllm_engine.py  `rollout.engine: vllm`: a colocated vLLM engine, weights pushed as they change,
-                  its log-probs checked against the trainer's
-    weights.py    a model's weights as a stream of (name, tensor), gathered group by group under ZeRO-3
+    samples.py       `Prompts` (a step's prompts and their place in the whole batch) and `Samples`
+                     (left-padded prompts + right-padded responses, the response mask), packing helpers
+    sampler.py       the `Sampler` seam and `GenerateSampler` (`rollout.backend: generate`)
+    backends.py      `rollout.backend` → a `Sampler`: `SAMPLERS`, `make_sampler`
+    generate.py      `sample`: one response per row with transformers' `generate`, from π itself
+                     (top-k and top-p off), and `encode_prompts`
+    keyed.py         `rollout.noise: keyed`: Gumbel-max with hashed noise, so a row's draw does not
+                     depend on how the batch is split over ranks
+    vllm_sampler.py  `rollout.backend: vllm`: a colocated vLLM engine, weights pushed as they change,
+                     its log-probs checked against the trainer's
+    weights.py       a role's weights as a stream of (name, tensor), gathered group by group under ZeRO-3
 
-Two samplers (config `rollout.sampler`): `torch` draws with `generate`'s own
+`rollout.noise` is generate's noise: `torch` draws with `generate`'s own
 multinomial sampling from the global torch generator; `keyed` with
 `KeyedNoise` row keys.
 """

@@ -1,4 +1,4 @@
-"""The keyed sampler (`rollout.sampler: keyed`): draws that do not depend on how a batch is split.
+"""The keyed sampler (`rollout.noise: keyed`): draws that do not depend on how a batch is split.
 
 Gumbel-max with noise from a counter-based hash of (seed, step, draw, prompt
 index in the batch, sample index, position, token): the same distribution as

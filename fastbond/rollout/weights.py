@@ -62,3 +62,19 @@ def streamed_weights(model: nn.Module, gathered: Callable[[list], AbstractContex
     for name, buffer in model.named_buffers():
         if name in persistent and name not in every_parameter_name:
             yield name, buffer.detach()
+
+
+class ModuleWeights:
+    """Each role's weights for a sampler that holds its own copy (vLLM): the role module's own parameters.
+
+    The other form, LoRA's, merges each role's adapter into the shared base (`fastbond.lora.AdapterWeights`).
+    """
+
+    def __init__(self, gathered: Callable[[list], AbstractContextManager] | None = None):
+        self.gathered = gathered
+
+    def stream(self, role: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        return streamed_weights(role, self.gathered)
+
+    def shapes(self, role: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in role.named_parameters()}

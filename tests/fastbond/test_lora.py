@@ -237,7 +237,7 @@ def _unfused_logps(module, samples):
 def test_an_adapted_head_gives_the_fused_ops_its_merged_weight(tmp_path, embedded_reference):
     """lm_head in target_modules: the fused log-probs of every role (policy, anchor, π_ref) equal the model's own
     forward through the adapted head, and the head adapter's gradients through the fused op equal the forward's."""
-    from fastbond.algorithms.base import _as_module
+    from fastbond.roles import as_module
     from fastbond.logprobs import response_logprobs
     from fastbond.lora import adapter_parameters
     from fastbond.rollout import encode_prompts, sample
@@ -258,7 +258,7 @@ def test_an_adapted_head_gives_the_fused_ops_its_merged_weight(tmp_path, embedde
         for role in (models.policy, models.anchor.model, models.reference):
             with torch.no_grad():
                 fused = ctx.frozen_logps(role, samples)
-                with _as_module(role) as module:
+                with as_module(role) as module:
                     unfused = _unfused_logps(module, samples)
             torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)
         with torch.no_grad():

@@ -9,7 +9,8 @@ from transformers import LlamaConfig
 from fastbond.cli import main
 from fastbond.config import load_config
 from fastbond.errors import FastbondError
-from fastbond.plan import measured_rows, plan_memory, resolve_shape
+from fastbond.memory import measured_rows
+from fastbond.plan import plan_memory, resolve_shape
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,9 @@ class DeepSpeedEngine(Engine):
         dtype = compute_dtype(config)
         tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
         if config.model.lora.r > 0:
-            policy, reference, anchor, adapters = self._lora_models(config, needs_anchor)
+            policy, reference, anchor, adapters, role_weights = self._lora_models(config, needs_anchor)
         else:
-            policy, reference, anchor, adapters = *self._full_models(config, needs_anchor), None
+            policy, reference, anchor, adapters, role_weights = *self._full_models(config, needs_anchor), None, None
         reward_fn = load_run_reward(config, tokenizer, CPU, dtype)
         reward_model = _reward_module(reward_fn)
         if reward_model is not None:
@@ -90,7 +90,7 @@ class DeepSpeedEngine(Engine):
         if self.main:
             print(self.optimizer.memory_report(anchor, reference if adapters is None else None, reward_model,
                                                adapters=adapters), flush=True)
-        self.models = Models(tokenizer, policy, reference, reward_fn, anchor, adapters)
+        self.models = Models(tokenizer, policy, reference, reward_fn, anchor, adapters, role_weights)
         return self.models
 
     def _full_models(self, config, needs_anchor: bool):
@@ -106,7 +106,7 @@ class DeepSpeedEngine(Engine):
         return self.optimizer.model, reference, anchor
 
     def _lora_models(self, config, needs_anchor: bool):
-        """(policy, reference, anchor, adapters) of LoRA (`fastbond.lora`): the base with both adapters under
+        """(policy, reference, anchor, adapters, role weights) of LoRA (`fastbond.lora`): the base with both adapters under
         one `ZeroOptimizer` that trains the policy adapter alone. The base and the anchor adapter are frozen
         and, under ZeRO-3, partitioned like everything else; the anchor adapter's EMA runs on local shards."""
         from fastbond import lora
@@ -118,7 +118,8 @@ class DeepSpeedEngine(Engine):
         if needs_anchor:
             release = partial(zero.release_gathered, self.optimizer.model) if self.optimizer.zero_stage == 3 else None
             anchor = lora.AdapterAnchor(wrapped, dtype, release=release)
-        return self.optimizer.model, lora.AdapterRole(wrapped, None), anchor, wrapped
+        return (self.optimizer.model, lora.AdapterRole(wrapped, None), anchor, wrapped,
+                lora.AdapterWeights(wrapped, self.gathered))
 
     def evaluation_models(self, policy_dir: Path) -> Models | None:
         """Plain one-process models loaded from the exported policy, on rank 0 alone."""

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
 import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -58,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastbond import atomic
 from fastbond.anchor import ShardedEMAAnchor
 from fastbond.config import TrainConfig
 from fastbond.engines.deepspeed.config import inference_config, zero_stage_of
@@ -327,7 +327,7 @@ class ZeroOptimizer:
     def memory_report(self, anchor=None, reference: nn.Module | None = None, reward: nn.Module | None = None,
                       adapters=None) -> str:
         """This rank's bytes per row of `fastbond plan`, read off the live tensors (no collective)."""
-        from fastbond.plan import format_plan, measured_rows
+        from fastbond.memory import format_plan, measured_rows
 
         on_gpu = self.device.type == "cuda"
         plan = measured_rows(self.model, self.engine.basic_optimizer, anchor, reference, reward,
@@ -534,16 +534,12 @@ def write_pretrained(model: nn.Module, state: dict[str, torch.Tensor] | None, pa
     """
     path = Path(path)
     if state is not None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        written_dtype = next(iter(state.values())).dtype
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)  # may empty `state`
-        _record_dtype(tmp / "config.json", written_dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic.replaced_directory(path) as tmp:
+            written_dtype = next(iter(state.values())).dtype
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)  # may empty `state`
+            _record_dtype(tmp / "config.json", written_dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     if dist.is_initialized():
         dist.barrier()
     return path if state is not None else None

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import fastbond.algorithms.base as algorithms_base
+import fastbond.rollout.sampler as rollout_sampler
 from fastbond.algorithms import ALGORITHMS
 from fastbond.config import load_config
 from fastbond.presets import embedded_preset
@@ -96,7 +97,7 @@ def test_three_steps_reproduce_the_pinned_metrics(tmp_path, embedded_reference, 
 def test_a_one_token_change_of_a_sample_is_caught(tmp_path, embedded_reference, monkeypatch):
     """The tolerances leave room for float order only: one token of one sample of the first
     draw replaced by another word (its text re-decoded, so the reward sees it too) fails the pin."""
-    real_sample = algorithms_base.sample
+    real_sample = rollout_sampler.sample
     calls = []
 
     def sample_one_token_off(model, tokenizer, *args, **kwargs):
@@ -111,7 +112,7 @@ def test_a_one_token_change_of_a_sample_is_caught(tmp_path, embedded_reference, 
         calls.append(1)
         return drawn
 
-    monkeypatch.setattr(algorithms_base, "sample", sample_one_token_off)
+    monkeypatch.setattr(rollout_sampler, "sample", sample_one_token_off)
     lines = mismatches(run_metrics(tmp_path, "jbond"), json.loads(PINNED.read_text())["jbond"])
     assert calls and any(line.startswith("step 1 ") for line in lines), lines
 

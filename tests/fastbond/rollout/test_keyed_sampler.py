@@ -1,4 +1,4 @@
-"""rollout.sampler=keyed: Gumbel-max sampling with counter-based noise.
+"""rollout.noise=keyed: Gumbel-max sampling with counter-based noise.
 
 A row's draw is a function of (seed, step, draw, prompt index, sample index,
 position, token) alone, so splitting a batch over ranks does not change what

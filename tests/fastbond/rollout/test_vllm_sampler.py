@@ -1,4 +1,4 @@
-"""rollout.engine=vllm against the trainer's own model, with vLLM's CPU build.
+"""rollout.backend=vllm against the trainer's own model, with vLLM's CPU build.
 
 These run where vLLM is installed: `.ci/run` builds that environment
 (`.ci/vllm_env.sh`) and runs `pytest -m vllm` in it after the main suite.
@@ -30,9 +30,9 @@ SETTINGS = dict(gpu_memory_utilization=0.3, sleep_mode=False, enforce_eager=True
 @pytest.fixture(scope="module")
 def engine(embedded_reference):
     from fastbond.config import VLLMConfig
-    from fastbond.rollout.vllm_engine import VLLMRollout
+    from fastbond.rollout.vllm_sampler import VLLMRunner
 
-    return VLLMRollout(embedded_reference, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
+    return VLLMRunner(embedded_reference, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
                        settings=VLLMConfig(**SETTINGS))
 
 
@@ -46,13 +46,13 @@ def test_building_the_engine_leaves_the_trainers_process_as_it_was(embedded_refe
     import numpy as np
 
     from fastbond.config import VLLMConfig
-    from fastbond.rollout.vllm_engine import VLLMRollout
+    from fastbond.rollout.vllm_sampler import VLLMRunner
 
     torch.manual_seed(123)
     random.seed(123)
     np.random.seed(123)
     threads = torch.get_num_threads()
-    VLLMRollout(embedded_reference, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
+    VLLMRunner(embedded_reference, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
                 settings=VLLMConfig(**SETTINGS))
     assert torch.set_num_threads is SET_NUM_THREADS and torch.get_num_threads() == threads
     after = (torch.rand(3), random.random(), np.random.rand())
@@ -209,7 +209,7 @@ def test_an_unsupported_head_size_is_one_line(tmp_path, reference):
     from transformers import LlamaForCausalLM
 
     from fastbond.config import VLLMConfig
-    from fastbond.rollout.vllm_engine import VLLMRollout
+    from fastbond.rollout.vllm_sampler import VLLMRunner
 
     config = reference[0].config.to_dict()
     config.update(num_attention_heads=4, num_key_value_heads=4, head_dim=16)  # head size 16
@@ -217,10 +217,10 @@ def test_an_unsupported_head_size_is_one_line(tmp_path, reference):
 
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path)
     with pytest.raises(FastbondError) as error:
-        VLLMRollout(tmp_path, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
+        VLLMRunner(tmp_path, torch.float32, torch.device("cpu"), seed=0, max_model_len=96,
                     settings=VLLMConfig(**SETTINGS))
     message = str(error.value)
-    assert "\n" not in message and "head size 16" in message and "rollout.engine=generate" in message
+    assert "\n" not in message and "head size 16" in message and "rollout.backend=generate" in message
     assert json.loads((tmp_path / "config.json").read_text())["num_attention_heads"] == 4
 
 
@@ -237,7 +237,7 @@ def _train(cache, *overrides):
 
 
 TRAIN = ["steps=2", "rollout.batch_size=8", "rollout.max_new_tokens=8", "evaluation.at_end=false",
-         "logging.progress=false", "rollout.engine=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
+         "logging.progress=false", "rollout.backend=vllm", "rollout.vllm.cpu_kv_cache_gib=0.25"]
 
 
 @pytest.mark.parametrize("algorithm, pushes", [("jbond", 2), ("rloo", 1)])
