@@ -234,8 +234,7 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     from fastbond.checkpoint import model_dir_damage
     from fastbond.config import load_config
     from fastbond.data import resolve_prompts
-    from fastbond.engines.local import exported_models
-    from fastbond.models import resolve_device
+    from fastbond.models import judged_models, resolve_device
     from fastbond.process import prepare_process
 
     run_path = Path(run_dir)
@@ -251,7 +250,7 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
                             f"(fastbond eval {run_path} --policy {run_path}/checkpoints/step-…/policy)")
     device = resolve_device(config.device)
     prepare_process(config, device, config.seed)
-    models = exported_models(config, policy_dir, device)
+    models = judged_models(config, policy_dir, device)
     prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
     result = write_evaluation(run_path / EVAL_FILE, evaluate_models(models, config, prompts), config.on_nonfinite)
     print(format_evaluation(result))

@@ -17,6 +17,9 @@ log-prob ops read the plain head; an adapted head (`lm_head` in
 target_modules) hands them its merged weight (`head_weight`). One process
 or DeepSpeed ZeRO 0-3 (`fastbond.engines`): under ZeRO the adapters are
 partitioned like the base, and the anchor's EMA runs on local shards.
+
+`LoraForm` is this module's `PolicyForm` (`fastbond.models.form`): what the
+engines, the samplers and the evaluation ask of LoRA, they ask of it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastbond.anchor import ShardedEMAAnchor
+from fastbond.anchor import ShardedEMAAnchor, local_tensor
 from fastbond.errors import FastbondError
+from fastbond.models.form import Models, Placer, PolicyForm
+from fastbond.models.loading import load_policy, model_sources
 
 POLICY, ANCHOR = "policy", "anchor"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -105,8 +110,6 @@ def head_weight(head: nn.Module) -> torch.Tensor:
 
 def base_source(config) -> str:
     """Where the base comes from (the run's initial policy); π_ref is that base, so no other reference."""
-    from fastbond.models import model_sources
-
     policy_source, reference_source = model_sources(config)
     if reference_source != policy_source:
         raise FastbondError("model.lora: π_ref is the policy's base with adapters disabled, so model.reference "
@@ -211,16 +214,6 @@ def save_policy_adapter(wrapped, path: Path, tokenizer=None, state: dict | None 
     wrapped.get_base_model().config.to_json_file(str(path / "config.json"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
-
-
-class AdapterSaver:
-    """What `save_checkpoint` calls `save_pretrained` on under LoRA: the policy adapter, not the base."""
-
-    def __init__(self, wrapped):
-        self.wrapped = wrapped
-
-    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
-        save_policy_adapter(self.wrapped, Path(path))
 
 
 @torch.no_grad()
@@ -331,3 +324,65 @@ def merged_state_dict(wrapped, gathered=None, keep: bool = True) -> dict[str, to
         if keep:
             state[name] = tensor.to("cpu", copy=True)
     return state if keep else None
+
+
+class LoraForm(PolicyForm):
+    """`model.lora.r > 0`: the policy and the anchor are adapters on one frozen base; π_ref is the base.
+
+    The base is frozen: it needs no fp32 master copy and is held in the compute dtype; PEFT keeps the
+    adapters (the only trained tensors) in fp32 in one process, and DeepSpeed casts them like the base.
+    Checkpoints hold the policy adapter (PEFT's format), never the base; the export merges it in.
+    """
+
+    name = "lora"
+
+    def __init__(self):
+        self.wrapped = None  # the PEFT model holding both adapters, once built
+
+    def build(self, config, placer: Placer, needs_anchor: bool, resume: Path | None) -> Models:
+        wrapped = attach_adapters(load_policy(config, base_source(config), placer.compute_dtype, placer.load_device),
+                                  config.model.lora)
+        if resume is not None:  # the anchor adapter comes back with the checkpoint's anchor state
+            load_policy_adapter(wrapped, resume)
+        policy, _ = placer.train(wrapped.get_base_model())  # the optimizer trains the policy adapter alone
+        anchor = None
+        if needs_anchor:
+            held_dtype = adapter_parameters(wrapped, POLICY)[0][1].dtype  # fp32, or the compute dtype under ZeRO
+            anchor = AdapterAnchor(wrapped, held_dtype, release=placer.release_gathered)
+        self.wrapped = wrapped
+        return Models(tokenizer=None, policy=policy, reference=AdapterRole(wrapped, None), reward_fn=None,
+                      anchor=anchor, role_weights=AdapterWeights(wrapped, placer.gathered))
+
+    def save_policy(self, models: Models, placer: Placer, path: Path) -> None:
+        """The policy adapter alone, PEFT's format (under ZeRO consolidated from the fp32 master tensors)."""
+        state = placer.trained_state(select=is_policy_adapter)
+        if placer.main:
+            save_policy_adapter(self.wrapped, Path(path), models.tokenizer, state=state)
+        placer.barrier()
+
+    def export(self, models: Models, placer: Placer, path: Path) -> None:
+        """The base with the policy adapter merged in, a plain transformers model in the compute dtype."""
+        merged = merged_state_dict(self.wrapped, placer.gathered, keep=placer.main)
+        placer.write_pretrained(models.policy, Path(path), models.tokenizer, state=merged)
+
+    def judged_policy(self, config, policy_dir: Path, device: torch.device) -> nn.Module:
+        """A LoRA run is judged as a plain one: its export is the merged model, and a checkpoint's
+        adapter is merged into the base here."""
+        if not is_adapter_dir(policy_dir):
+            return load_policy(config, policy_dir, torch.float32, device).eval()
+        base = load_policy(config, base_source(config), torch.float32, device)
+        return merged_adapter(base, config.model.lora, policy_dir).eval()
+
+    def held_tensors(self, models: Models) -> tuple[dict[str, list], dict[str, list]]:
+        policy = {
+            "base params": [local_tensor(p) for name, p in models.policy.named_parameters() if "lora_" not in name],
+            "policy adapter": [local_tensor(p) for _, p in adapter_parameters(self.wrapped, POLICY)],
+        }
+        anchor = {} if models.anchor is None else {
+            "anchor adapter": [local_tensor(p) for _, p in models.anchor.anchor_parameters]}
+        return policy, anchor
+
+    @property
+    def reference_is_a_model(self) -> bool:
+        return False  # π_ref is the base with adapters off
+

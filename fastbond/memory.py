@@ -63,7 +63,7 @@ def _split(tensors) -> tuple[int, int]:
 
 def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.Module | None = None,
                   reward: nn.Module | None = None, on_accelerator: bool = True, masters=None,
-                  adapters=None) -> Plan:
+                  held: tuple[dict, dict] | None = None) -> Plan:
     """The plan's rows read off live tensors of this rank (shards under ZeRO-3).
 
     `optimizer`: the torch optimizer that steps (its state holds the moments).
@@ -71,8 +71,9 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
     in its parameter groups (DeepSpeed hands ZeRO-3's flat partitions to it
     only during a step); by default its parameters, minus the policy's own
     storage. With `on_accelerator=False` (a CPU run) everything counts as
-    device memory. `adapters` (LoRA): `policy` is the base with both adapters
-    injected; its rows are the base, the policy adapter and the anchor adapter.
+    device memory. `held`: the policy form's rows of the policy and of the
+    anchor (`PolicyForm.held_tensors`: under LoRA the base, the policy adapter
+    and the anchor adapter); by default a whole policy and a whole anchor.
     """
     plan = Plan("measured on this rank")
 
@@ -82,13 +83,11 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
             device, host = device + host, 0
         plan.rows.append(Row(what, device, host))
 
-    if adapters is None:
-        add("policy params", [_local(p) for p in policy.parameters()])
-    else:
-        from fastbond.lora import POLICY, adapter_parameters
-
-        add("base params", [_local(p) for name, p in policy.named_parameters() if "lora_" not in name])
-        add("policy adapter", [_local(p) for _, p in adapter_parameters(adapters, POLICY)])
+    policy_rows, anchor_rows = held or (
+        {"policy params": [_local(p) for p in policy.parameters()]},
+        {} if anchor is None else {"anchor params": [_local(p) for p in anchor.model.parameters()]})
+    for what, tensors in policy_rows.items():
+        add(what, tensors)
     if optimizer is not None:
         own = {_local(p).untyped_storage().data_ptr() for p in policy.parameters()}
         if masters is None:
@@ -97,10 +96,8 @@ def measured_rows(policy: nn.Module, optimizer=None, anchor=None, reference: nn.
         add("Adam moments (fp32 m, v)", [v for state in optimizer.state.values() for v in state.values()
                                          if isinstance(v, torch.Tensor) and v.dim() > 0])
     if anchor is not None:
-        if adapters is None:
-            add("anchor params", [_local(p) for p in anchor.model.parameters()])
-        else:
-            add("anchor adapter", [_local(p) for _, p in anchor.anchor_parameters])
+        for what, tensors in anchor_rows.items():
+            add(what, tensors)
         add("anchor EMA state (fp32)", [] if anchor.shadow is None else anchor.state)
     if reference is not None:
         add("reference", [_local(p) for p in reference.parameters()])

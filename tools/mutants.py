@@ -73,8 +73,9 @@ MUTANTS = [
      "the fused ops read an adapted LM head without its adapter", LORA),
     ("fastbond/lora.py", "merged = _whole(param).float() + layer.get_delta_weight(adapter).float()",
      "merged = _whole(param).float()", "LoRA's export and vLLM pushes leave the adapter out", LORA),
-    ("fastbond/engines/local.py", "        return lora.AdapterSaver(self.models.adapters)",
-     "        return self.models.policy", "a LoRA checkpoint holds the whole base", LORA),
+    ("fastbond/lora.py", "            save_policy_adapter(self.wrapped, Path(path), models.tokenizer, state=state)",
+     "            placer.write_pretrained(models.policy, Path(path), models.tokenizer)",
+     "a LoRA checkpoint holds the whole base", LORA),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),

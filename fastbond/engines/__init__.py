@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping
 
 from fastbond.config import EngineConfig, TrainConfig
-from fastbond.engines.base import Engine, Models
+from fastbond.engines.base import Engine
+from fastbond.models.form import Models
 from fastbond.errors import FastbondError
 
 __all__ = ["Engine", "Models", "launched_distributed", "make_engine", "resolve_engine_kind"]

@@ -1,4 +1,4 @@
-"""The engine seam: how the policy is held, stepped, saved and exported. Nothing here knows BOND.
+"""The engine seam: where the policy is held, how it is stepped, saved and exported. Nothing here knows BOND.
 
 The training loop (`fastbond.train`) talks to one `Engine` and never asks how
 many processes there are: every method below is a no-op or an identity in
@@ -7,6 +7,10 @@ both. Implementations:
 
     local.py       `LocalEngine`: one process, plain PyTorch (CPU or one GPU)
     deepspeed/     `DeepSpeedEngine`: DeepSpeed ZeRO 0-3 over K ranks (the only importer of deepspeed)
+
+What there is to hold (full weights, or LoRA adapters on a frozen base) is
+the run's policy form (`fastbond.models.form.PolicyForm`): an engine places
+what the form builds through its `Placer` and writes what the form says.
 
 A checkpoint holds what the engine owns (weights, optimizer, anchor) and two
 dicts the loop hands it: `shared`, the same on every rank (data position,
@@ -17,29 +21,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from fastbond.kernels.sequences import BatchSum
 from fastbond.metrics_log import to_float
-
-
-@dataclass
-class Models:
-    """The models of a run, placed (and under DeepSpeed partitioned) by the engine that built them."""
-
-    tokenizer: Any
-    policy: nn.Module
-    reference: nn.Module
-    reward_fn: Any  # fastbond.rewards.RewardFunction
-    anchor: Any = None  # fastbond.anchor.EMAAnchor / ShardedEMAAnchor, when the algorithm has one
-    adapters: Any = None  # model.lora: the PEFT model holding the policy and anchor adapters (fastbond.lora)
-    # each role's weights for a sampler that holds its own copy (vLLM); None: the role modules' own parameters
-    role_weights: Any = None
+from fastbond.models.form import Models
 
 
 class Engine(ABC):

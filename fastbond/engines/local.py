@@ -2,15 +2,16 @@
 
 `TorchOptimizer` is the update itself — AdamW, linear warm-up, gradient
 clipping, and a guard that keeps a non-finite loss or gradient out of the
-weights. `LocalEngine` adds what a run needs around it: the models on one
-device (an fp32 policy, low precision through autocast; an anchor whose EMA
-state is fp32), atomic checkpoints (`fastbond.checkpoint`) and the export.
+weights. `LocalPlacer` holds what the run's policy form builds on one device
+(a wholly trained policy in fp32, low precision through autocast; an anchor
+whose EMA state is fp32). `LocalEngine` adds atomic checkpoints
+(`fastbond.checkpoint`) and the export, both written as the form says.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -19,18 +20,10 @@ from torch import nn
 from fastbond import atomic
 from fastbond.anchor import EMAAnchor
 from fastbond.checkpoint import load_checkpoint, save_checkpoint
-from fastbond.config import OptimConfig, replace_lora
-from fastbond.engines.base import Engine, Models
+from fastbond.config import OptimConfig
+from fastbond.engines.base import Engine
 from fastbond.errors import FastbondError
-from fastbond.models import (
-    compute_dtype,
-    load_frozen,
-    load_policy,
-    load_run_reward,
-    load_tokenizer,
-    model_sources,
-    resolve_device,
-)
+from fastbond.models import Models, Placer, build_models, compute_dtype, judged_models, make_form, resolve_device
 
 
 def warmup_lambda(warmup_steps: int):
@@ -90,82 +83,64 @@ class TorchOptimizer:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def load_models(config, policy_path: str | Path | None, device: torch.device, needs_anchor: bool = False) -> Models:
-    """A run's models in one process on `device`: the policy from `policy_path` (default: its
-    initial source) with fp32 weights, π_ref and a reward model in the compute dtype, and an
-    anchor (fp32 EMA state) when asked. The tokenizer is always the initial policy's."""
-    policy_source, reference_source = model_sources(config)
-    dtype = compute_dtype(config)
-    tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
-    if config.model.lora.r > 0:
-        return _lora_models(config, policy_path, device, needs_anchor, tokenizer)
-    # The policy keeps fp32 master weights; low precision is used through autocast.
-    policy = load_policy(config, policy_path or policy_source, torch.float32, device)
-    return Models(
-        tokenizer=tokenizer,
-        policy=policy,
-        reference=load_frozen(config, reference_source, dtype, device),
-        reward_fn=load_run_reward(config, tokenizer, device, dtype),
-        anchor=EMAAnchor(policy, dtype) if needs_anchor else None,
-    )
+class LocalPlacer(Placer):
+    """Everything on one device; the optimizer is a `TorchOptimizer` over the trained module."""
+
+    def __init__(self, config, device: torch.device):
+        self.config = config
+        self.load_device = device
+        self.compute_dtype = compute_dtype(config)
+        self.trained_dtype = torch.float32  # master weights; low precision through autocast
+        self.optimizer: TorchOptimizer | None = None
+
+    def train(self, module: nn.Module, anchor: bool = False):
+        self.optimizer = TorchOptimizer(module, self.config.optim, self.compute_dtype, self.load_device)
+        return module, (EMAAnchor(module, self.compute_dtype) if anchor else None)
+
+    def frozen(self, module: nn.Module) -> nn.Module:
+        return module  # loaded on the device already
+
+    def gathered(self, params: list) -> AbstractContextManager:
+        return nullcontext()
+
+    def trained_state(self, select=None) -> None:
+        return None  # the live tensors are whole
+
+    def write_pretrained(self, module: nn.Module, path: Path, tokenizer, state: dict | None = None) -> None:
+        atomic.save_pretrained(module, tokenizer, path, state_dict=state)
 
 
-def exported_models(config, policy_dir: Path, device: torch.device) -> Models:
-    """One-process models that judge a trained policy against π_ref: `policy_dir` is an exported model, or
-    a LoRA checkpoint's policy adapter. A LoRA run is judged as a plain one: its export is the merged model,
-    an adapter is merged into the base here, and π_ref is the base (the run's initial policy)."""
-    from fastbond import lora
+class _PolicyWriter:
+    """What `save_checkpoint` calls `save_pretrained` on: the form's `policy/`."""
 
-    if not lora.is_adapter_dir(policy_dir):
-        models = load_models(replace_lora(config, r=0), policy_dir, device)
-    else:
-        if config.model.lora.r == 0:
-            raise FastbondError(f"{policy_dir} holds a LoRA adapter, but the run's config has model.lora.r=0; "
-                                "pass the run's model.lora keys as overrides")
-        models = load_models(replace_lora(config, r=0), None, device)  # the policy starts as the base
-        models.policy = lora.merged_adapter(models.policy, config.model.lora, policy_dir)
-    models.policy.eval()
-    return models
+    def __init__(self, engine: "LocalEngine"):
+        self.engine = engine
 
-
-def _lora_models(config, adapter_path, device: torch.device, needs_anchor: bool, tokenizer) -> Models:
-    """LoRA: one base (compute dtype) from the run's initial policy; the policy adapter (from `adapter_path` when
-    resuming), the anchor adapter, and π_ref as the base with adapters disabled (`fastbond.lora`)."""
-    from fastbond import lora
-
-    # The base is frozen: it needs no fp32 master copy, so it is held in the compute dtype; PEFT keeps the
-    # adapters (the only trained tensors) in fp32.
-    wrapped = lora.attach_adapters(load_policy(config, lora.base_source(config), compute_dtype(config), device),
-                                   config.model.lora)
-    if adapter_path is not None:  # resuming; the anchor adapter comes back with the checkpoint's state
-        lora.load_policy_adapter(wrapped, adapter_path)
-    return Models(
-        tokenizer=tokenizer,
-        policy=wrapped.get_base_model(),
-        reference=lora.AdapterRole(wrapped, None),
-        reward_fn=load_run_reward(config, tokenizer, device, compute_dtype(config)),
-        anchor=lora.AdapterAnchor(wrapped) if needs_anchor else None,
-        adapters=wrapped,
-        role_weights=lora.AdapterWeights(wrapped),
-    )
+    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
+        engine = self.engine
+        engine.form.save_policy(engine.models, engine.placer, Path(path))
 
 
 class LocalEngine(Engine):
     def __init__(self, config):
         self.config = config
         self.device = resolve_device(config.device)
+        self.form = make_form(config)
+        self.placer = LocalPlacer(config, self.device)
         self.models: Models | None = None
         self.optimizer: TorchOptimizer | None = None
 
     def build(self, config, needs_anchor: bool, checkpoint: Path | None) -> Models:
-        self.models = load_models(config, checkpoint / "policy" if checkpoint else None, self.device, needs_anchor)
-        self.optimizer = TorchOptimizer(self.models.policy, config.optim, compute_dtype(config), self.device)
+        """The policy's trained tensors come from `checkpoint` when resuming (its `policy/`)."""
+        self.models = build_models(config, self.form, self.placer, needs_anchor,
+                                   checkpoint / "policy" if checkpoint else None)
+        self.optimizer = self.placer.optimizer
         return self.models
 
     def evaluation_models(self, policy_dir: Path) -> Models:
-        if self.models.adapters is not None:  # LoRA: the exported (merged) policy against a plain π_ref
-            return exported_models(self.config, policy_dir, self.device)
-        return self.models  # the run's own models: nothing to load again
+        if self.form.judges_live_policy:
+            return self.models  # the run's own models: nothing to load again
+        return judged_models(self.config, policy_dir, self.device)
 
     def autocast(self):
         return self.optimizer.autocast()
@@ -181,15 +156,7 @@ class LocalEngine(Engine):
         state = {"shared": shared, "own": own, "engine": self.optimizer.state_dict()}
         if self.models.anchor is not None:
             state["anchor"] = self.models.anchor.state_dict()
-        return save_checkpoint(checkpoints_dir, step, self._saved_policy(), self.models.tokenizer, state, keep=keep)
-
-    def _saved_policy(self):
-        """What a checkpoint's policy/ holds: the model, or under LoRA the policy adapter alone."""
-        if self.models.adapters is None:
-            return self.models.policy
-        from fastbond import lora
-
-        return lora.AdapterSaver(self.models.adapters)
+        return save_checkpoint(checkpoints_dir, step, _PolicyWriter(self), None, state, keep=keep)
 
     def restore(self, checkpoint: Path) -> tuple[int, dict, dict]:
         """The policy's weights came with `build`; optimizer, schedule and anchor come back here."""
@@ -202,10 +169,4 @@ class LocalEngine(Engine):
         return step, state["shared"], state["own"]
 
     def export(self, path: Path) -> None:
-        if self.models.adapters is not None:  # LoRA: a plain from_pretrained model, the adapter merged in
-            from fastbond import lora
-
-            merged = lora.merged_state_dict(self.models.adapters)
-            atomic.save_pretrained(self.models.policy, self.models.tokenizer, path, state_dict=merged)
-            return
-        atomic.save_pretrained(self.models.policy, self.models.tokenizer, path)
+        self.form.export(self.models, self.placer, path)

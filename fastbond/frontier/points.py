@@ -37,14 +37,12 @@ class Judge:
     @property
     def models(self):
         if self._models is None:
-            from fastbond.engines.local import load_models
-            from fastbond.models import resolve_device
+            from fastbond.models import judged_models, model_sources, resolve_device
             from fastbond.process import prepare_process
 
             device = resolve_device(self.config.device)
             prepare_process(self.config, device, self.config.seed)
-            self._models = load_models(self.config, None, device)
-            self._models.policy.eval()
+            self._models = judged_models(self.config, model_sources(self.config)[0], device)  # the initial policy
         return self._models
 
     def release(self) -> None:

@@ -648,7 +648,7 @@ def memory_matches_plan():
         engine.step(weighted_loss(engine.model, batch_samples(3 + dist.get_rank()), seed=0))
         measured = measured_rows(engine.model, engine.engine.basic_optimizer, anchor, on_accelerator=False,
                                  masters=engine.master_partitions())
-        report = engine.memory_report(anchor)
+        report = engine.memory_report(anchor=anchor)
         key = f"zero{stage}_{dtype}"
         out[key] = {
             "planned": {r.what.split(" (")[0]: r.device + r.host for r in planned.rows if not r.transient},
@@ -666,6 +666,7 @@ def _lora_memory() -> dict:
     from fastbond import lora
     from fastbond.engines.deepspeed.zero import release_gathered
     from fastbond.memory import measured_rows
+    from fastbond.models import Models
     from fastbond.plan import plan_memory, shape_of
 
     out = {}
@@ -679,9 +680,12 @@ def _lora_memory() -> dict:
         anchor = lora.AdapterAnchor(wrapped, engine.compute_dtype, release=release)
         planned = plan_memory(config, dist.get_world_size(), shape_of(tiny_model(tied=True), "tiny"), None, None)
         engine.step(weighted_loss(engine.model, batch_samples(3 + dist.get_rank()), seed=0))
+        form = lora.LoraForm()
+        form.wrapped = wrapped
+        held = form.held_tensors(Models(None, engine.model, None, None, anchor))
         measured = measured_rows(engine.model, engine.engine.basic_optimizer, anchor, on_accelerator=False,
-                                 masters=engine.master_partitions(), adapters=wrapped)
-        report = engine.memory_report(anchor, adapters=wrapped)
+                                 masters=engine.master_partitions(), held=held)
+        report = engine.memory_report(held, anchor)
         out[f"lora_zero{stage}_{dtype}"] = {
             "planned": {r.what.split(" (")[0]: r.device + r.host for r in planned.rows if not r.transient},
             "measured": {r.what.split(" (")[0]: r.device + r.host for r in measured.rows},

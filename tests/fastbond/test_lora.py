@@ -46,7 +46,7 @@ class _Timer:
 def _adapter(run, name):
     from fastbond.lora import adapter_parameters
 
-    return {n: p.detach().clone() for n, p in adapter_parameters(run.models.adapters, name)}
+    return {n: p.detach().clone() for n, p in adapter_parameters(run.engine.form.wrapped, name)}
 
 
 def test_reference_is_the_base_and_the_anchor_the_exact_ema_of_the_policy(tmp_path, embedded_reference, reference):
@@ -253,7 +253,7 @@ def test_an_adapted_head_gives_the_fused_ops_its_merged_weight(tmp_path, embedde
                                    torch.device("cpu"))
         torch.manual_seed(0)
         samples = sample(models.policy, models.tokenizer, ids, mask, 8)
-        head = {n: p for n, p in adapter_parameters(models.adapters, "policy") if "lm_head" in n}
+        head = {n: p for n, p in adapter_parameters(run.engine.form.wrapped, "policy") if "lm_head" in n}
         assert head and all(float(p.detach().abs().max()) > 0 for p in head.values())
         for role in (models.policy, models.anchor.model, models.reference):
             with torch.no_grad():

@@ -316,7 +316,7 @@ def test_a_read_only_file_system_is_refused_before_the_models_load(capsys, small
     def no_models(*args, **kwargs):
         raise AssertionError("models were loaded")
 
-    monkeypatch.setattr(local, "load_models", no_models)
+    monkeypatch.setattr(local, "build_models", no_models)
     status, _, err = train_cli(capsys, small_disk / "run", "steps=1")
     one_line_error(status, err, "cannot be written", "Read-only file system")
 

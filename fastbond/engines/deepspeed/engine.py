@@ -1,9 +1,10 @@
 """`DeepSpeedEngine`: the engine seam under DeepSpeed ZeRO 0-3, one process per rank.
 
-Models placed for this rank (the policy under a `ZeroOptimizer`, the anchor
-partitioned like it, reference and reward sharded or replicated), the step's
+`ZeroPlacer` holds what the run's policy form builds on this rank (the
+trained module under a `ZeroOptimizer`, a whole anchor partitioned like it,
+reference and reward sharded or replicated). The engine adds the step's
 collectives (batch-wide sums, agreement on skipped steps, metric means),
-sharded checkpoints and the consolidated export.
+sharded checkpoints and the consolidated export, written as the form says.
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastbond.checkpoint import checkpoint_name, join_tensors, publish, split_tensors
-from fastbond.engines.base import Engine, Models
+from fastbond.engines.base import Engine
 from fastbond.engines.deepspeed import zero
 from fastbond.engines.deepspeed.config import build_deepspeed_config
-from fastbond.engines.local import exported_models
 from fastbond.errors import FastbondError
 from fastbond.metrics_log import to_float
-from fastbond.models import (
-    compute_dtype,
-    load_frozen,
-    load_policy,
-    load_run_reward,
-    load_tokenizer,
-    model_sources,
-)
+from fastbond.models import Models, Placer, build_models, compute_dtype, judged_models, make_form
 
 CPU = torch.device("cpu")
 MAX_SUFFIX = "_max"  # metrics reduced over ranks by their maximum, not their mean
@@ -56,74 +49,86 @@ def _rank_file(directory: Path, rank: int, world: int) -> Path:
     return directory / f"rank{rank:05d}-of-{world:05d}.safetensors"
 
 
+class ZeroPlacer(Placer):
+    """This rank's share: the trained module under a `ZeroOptimizer`, frozen models sharded or replicated
+    (engine.reference_sharding). Models load on the CPU; DeepSpeed moves (and partitions) them."""
+
+    def __init__(self, config, ds_config: dict, device: torch.device, main: bool):
+        self.config = config
+        self.ds_config = ds_config
+        self.device = device
+        self.main = main
+        self.load_device = CPU
+        self.compute_dtype = compute_dtype(config)
+        self.trained_dtype = self.compute_dtype  # DeepSpeed keeps the fp32 master copy itself
+        self.optimizer: zero.ZeroOptimizer | None = None
+
+    def train(self, module: nn.Module, anchor: bool = False):
+        anchor_model = copy.deepcopy(module) if anchor else None  # before the engine partitions the module
+        self.optimizer = zero.ZeroOptimizer(module, self.config, self.ds_config, self.device)
+        built = zero.build_anchor(self.optimizer, anchor_model) if anchor_model is not None else None
+        return self.optimizer.model, built
+
+    @property
+    def release_gathered(self):
+        if self.optimizer is None or self.optimizer.zero_stage != 3:
+            return None
+        return partial(zero.release_gathered, self.optimizer.model)
+
+    def frozen(self, module: nn.Module) -> nn.Module:
+        return zero.frozen_model(module, self.ds_config, self.config.engine.reference_sharding, self.compute_dtype,
+                                 self.device)
+
+    def reward(self, reward_fn):
+        model = _reward_module(reward_fn)
+        if model is not None:
+            reward_fn.fn.model = self.frozen(model)
+            reward_fn.fn.device = self.device
+        return reward_fn
+
+    def gathered(self, params: list) -> AbstractContextManager:
+        return zero.gathered_parameters(params)
+
+    def trained_state(self, select=None):
+        return self.optimizer.consolidated_state_dict(select=select)
+
+    def write_pretrained(self, module: nn.Module, path: Path, tokenizer, state: dict | None = None) -> None:
+        zero.write_pretrained(module, state if self.main else None, path, tokenizer)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, config):
         self.config = config
         self.rank, self.world, self.device = zero.init_distributed()
         self.ds_config = build_deepspeed_config(config, self.world)
+        self.form = make_form(config)
+        self.placer = ZeroPlacer(config, self.ds_config, self.device, self.main)
         self.models: Models | None = None
         self.optimizer: zero.ZeroOptimizer | None = None
 
     # ------------------------------------------------------------------ models
 
     def build(self, config, needs_anchor: bool, checkpoint: Path | None) -> Models:
-        """Policy under a `ZeroOptimizer`, the anchor partitioned like it, reference and reward
-        sharded or replicated (engine.reference_sharding). Under LoRA, one frozen base holds the
-        policy and anchor adapters, and π_ref is that base with adapters disabled (`_lora_models`).
+        """The run's models on this rank, through the form and `ZeroPlacer`.
 
-        The policy is always loaded from its initial source: on resume the
-        DeepSpeed checkpoint overwrites weights, master copy and moments.
+        The trained tensors always start from the initial source: on resume the
+        DeepSpeed checkpoint overwrites weights, master copy and moments (`restore`).
         """
-        policy_source, _ = model_sources(config)
-        dtype = compute_dtype(config)
-        tokenizer = load_tokenizer(policy_source, config.model.trust_remote_code)
-        if config.model.lora.r > 0:
-            policy, reference, anchor, adapters, role_weights = self._lora_models(config, needs_anchor)
-        else:
-            policy, reference, anchor, adapters, role_weights = *self._full_models(config, needs_anchor), None, None
-        reward_fn = load_run_reward(config, tokenizer, CPU, dtype)
-        reward_model = _reward_module(reward_fn)
-        if reward_model is not None:
-            reward_fn.fn.model = zero.frozen_model(reward_model, self.ds_config, config.engine.reference_sharding,
-                                                   dtype, self.device)
-            reward_fn.fn.device = self.device
+        self.models = build_models(config, self.form, self.placer, needs_anchor)
+        self.optimizer = self.placer.optimizer
         if self.main:
-            print(self.optimizer.memory_report(anchor, reference if adapters is None else None, reward_model,
-                                               adapters=adapters), flush=True)
-        self.models = Models(tokenizer, policy, reference, reward_fn, anchor, adapters, role_weights)
+            held = self.form.held_tensors(self.models)
+            reference = self.models.reference if self.form.reference_is_a_model else None
+            print(self.optimizer.memory_report(held, self.models.anchor, reference,
+                                               _reward_module(self.models.reward_fn)), flush=True)
         return self.models
-
-    def _full_models(self, config, needs_anchor: bool):
-        """(policy, reference, anchor): three models, the anchor partitioned exactly like the policy."""
-        policy_source, reference_source = model_sources(config)
-        dtype = compute_dtype(config)
-        policy = load_policy(config, policy_source, dtype, CPU)
-        anchor_model = copy.deepcopy(policy) if needs_anchor else None  # before the engine partitions the policy
-        self.optimizer = zero.ZeroOptimizer(policy, config, self.ds_config, self.device)
-        anchor = zero.build_anchor(self.optimizer, anchor_model) if anchor_model is not None else None
-        reference = zero.frozen_model(load_frozen(config, reference_source, dtype, CPU), self.ds_config,
-                                      config.engine.reference_sharding, dtype, self.device)
-        return self.optimizer.model, reference, anchor
-
-    def _lora_models(self, config, needs_anchor: bool):
-        """(policy, reference, anchor, adapters, role weights) of LoRA (`fastbond.lora`): the base with both adapters under
-        one `ZeroOptimizer` that trains the policy adapter alone. The base and the anchor adapter are frozen
-        and, under ZeRO-3, partitioned like everything else; the anchor adapter's EMA runs on local shards."""
-        from fastbond import lora
-
-        dtype = compute_dtype(config)
-        wrapped = lora.attach_adapters(load_policy(config, lora.base_source(config), dtype, CPU), config.model.lora)
-        self.optimizer = zero.ZeroOptimizer(wrapped.get_base_model(), config, self.ds_config, self.device)
-        anchor = None
-        if needs_anchor:
-            release = partial(zero.release_gathered, self.optimizer.model) if self.optimizer.zero_stage == 3 else None
-            anchor = lora.AdapterAnchor(wrapped, dtype, release=release)
-        return (self.optimizer.model, lora.AdapterRole(wrapped, None), anchor, wrapped,
-                lora.AdapterWeights(wrapped, self.gathered))
 
     def evaluation_models(self, policy_dir: Path) -> Models | None:
         """Plain one-process models loaded from the exported policy, on rank 0 alone."""
-        return exported_models(self.config, policy_dir, self.device) if self.main else None
+        return judged_models(self.config, policy_dir, self.device) if self.main else None
 
     # ------------------------------------------------------------------ a step
 
@@ -197,7 +202,7 @@ class DeepSpeedEngine(Engine):
         tensors: dict[str, torch.Tensor] = {}
         skeleton = split_tensors(own, tensors)
         save_file(tensors, str(_rank_file(tmp, self.rank, self.world)), metadata={"state": json.dumps(skeleton)})
-        self._save_policy(tmp / "policy")  # collective; ends with a barrier
+        self.form.save_policy(self.models, self.placer, tmp / "policy")  # collective; ends with a barrier
         if self.main:
             state = {"shared": shared, "engine": self.optimizer.state_dict(), "world_size": self.world}
             (tmp / "state.json").write_text(json.dumps({"step": step, "state": state}))
@@ -231,26 +236,7 @@ class DeepSpeedEngine(Engine):
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         return int(meta["step"]), state["shared"], join_tensors(skeleton, tensors)
 
-    def _save_policy(self, path: Path) -> None:
-        """A checkpoint's policy/: the consolidated policy, or under LoRA the policy adapter alone (PEFT
-        format, fp32 master tensors; the base is not saved). Collective; rank 0 writes."""
-        if self.models.adapters is None:
-            self.optimizer.export_pretrained(path, self.models.tokenizer)
-            return
-        from fastbond import lora
-
-        state = self.optimizer.consolidated_state_dict(select=lora.is_policy_adapter)
-        if self.main:
-            lora.save_policy_adapter(self.models.adapters, path, self.models.tokenizer, state=state)
-        dist.barrier()
-
     def export(self, path: Path) -> None:
-        """The trained policy, consolidated, in transformers format (rank 0 writes; collective).
-        Under LoRA: the base with the policy adapter merged in, in the compute dtype."""
-        if self.models.adapters is None:
-            self.optimizer.export_pretrained(path, self.models.tokenizer)
-            return
-        from fastbond import lora
-
-        merged = lora.merged_state_dict(self.models.adapters, self.gathered, keep=self.main)
-        zero.write_pretrained(self.optimizer.model, merged, path, self.models.tokenizer)
+        """The trained policy, consolidated, in transformers format, as the form writes it (rank 0 writes;
+        collective)."""
+        self.form.export(self.models, self.placer, path)

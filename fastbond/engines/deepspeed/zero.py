@@ -324,14 +324,15 @@ class ZeroOptimizer:
                 return list(getattr(optimizer, name))
         return None
 
-    def memory_report(self, anchor=None, reference: nn.Module | None = None, reward: nn.Module | None = None,
-                      adapters=None) -> str:
-        """This rank's bytes per row of `fastbond plan`, read off the live tensors (no collective)."""
+    def memory_report(self, held=None, anchor=None, reference: nn.Module | None = None,
+                      reward: nn.Module | None = None) -> str:
+        """This rank's bytes per row of `fastbond plan`, read off the live tensors (no collective); `held`:
+        the policy form's rows (`PolicyForm.held_tensors`)."""
         from fastbond.memory import format_plan, measured_rows
 
         on_gpu = self.device.type == "cuda"
         plan = measured_rows(self.model, self.engine.basic_optimizer, anchor, reference, reward,
-                             on_accelerator=on_gpu, masters=self.master_partitions(), adapters=adapters)
+                             on_accelerator=on_gpu, masters=self.master_partitions(), held=held)
         rank = dist.get_rank() if dist.is_initialized() else 0
         text = format_plan(plan, header=f"memory at start, rank {rank} (ZeRO-{self.zero_stage})")
         if on_gpu:
