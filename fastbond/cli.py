@@ -175,20 +175,19 @@ def _run_plan(argv: list[str]) -> int:
                         help="memory of one GPU in GiB, to say what is left for activations and generation "
                              "(default 80)")
     args = parser.parse_args(argv)
-    from fastbond.config import load_config, replace_lora
+    from fastbond.config import load_config
     from fastbond.memory import format_plan
-    from fastbond.plan import fit_line, lora_against_full, plan_for_config
+    from fastbond.plan import comparisons, fit_line, plan_for_config
     from fastbond.presets import embedded_preset
 
     path, overrides = _split_config_args(args)
     config = load_config(path or embedded_preset(), overrides, check_paths=False)
-    plan = plan_for_config(config, args.gpus, model=args.model, reference=args.reference, reward=args.reward)
+    specs = dict(model=args.model, reference=args.reference, reward=args.reward)
+    plan = plan_for_config(config, args.gpus, **specs)
     print(format_plan(plan, header=f"fastbond plan: {path or 'embedded default'} on {args.gpus} GPU(s)"))
     print(fit_line(plan, args.gpu_gib))
-    if config.model.lora.r > 0:  # what the adapters save: the same run, every weight trained
-        full = plan_for_config(replace_lora(config, r=0), args.gpus, model=args.model, reference=args.reference,
-                               reward=args.reward)
-        print(lora_against_full(plan, full, args.gpu_gib))
+    for line in comparisons(config, plan, args.gpus, args.gpu_gib, **specs):  # LoRA: against every weight trained
+        print(line)
     return 0
 
 
