@@ -14,12 +14,12 @@ updated shard by shard without communication.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastbond import atomic
 from fastbond.errors import FastbondError
 from fastbond.kernels.ema import ema_
 
@@ -242,10 +242,9 @@ class ShardedEMAAnchor:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         rank, world = _rank_and_world()
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata={"world_size": str(world), "rank": str(rank), "sharded": str(self.sharded)})
-        os.replace(tmp, path)
+        with atomic.written_file(path) as tmp:
+            save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(tmp),
+                      metadata={"world_size": str(world), "rank": str(rank), "sharded": str(self.sharded)})
         return path
 
     def load(self, directory: str | Path) -> None:

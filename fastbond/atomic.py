@@ -23,18 +23,26 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def write_text(path: Path, text: str) -> None:
-    """`path` holds `text`, replaced in one rename."""
+@contextmanager
+def written_file(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; when the block ends without an error it is flushed and
+    replaces `path`, and when it raises it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` holds `text`, replaced in one rename."""
+    with written_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def swap_in(tmp: Path, path: Path) -> None:

@@ -113,33 +113,24 @@ def _run_eval(argv: list[str]) -> int:
     return 0
 
 
-def merge_run(run_dir: Path, out: Path, adapter_dir: Path | None = None) -> Path:
-    """`fastbond merge`: the policy adapter of a LoRA run (the latest checkpoint's, or `adapter_dir`) merged
-    into the run's base, written to `out` as a plain transformers model in the run's compute dtype."""
-    import torch
-
-    from fastbond import atomic
+def merge_run(run_dir: Path, out: Path, policy_dir: Path | None = None) -> Path:
+    """`fastbond merge`: a checkpoint's policy (the latest, or `policy_dir`) written to `out` as a plain
+    transformers model in the run's compute dtype, as the run's policy form merges it (LoRA: the policy
+    adapter into the base; a full policy is whole already, and says so)."""
     from fastbond.checkpoint import latest_checkpoint
     from fastbond.config import load_config
-    from fastbond.lora import ADAPTER_FILE, base_source, is_adapter_dir, merged_adapter
-    from fastbond.models import compute_dtype, load_policy, load_tokenizer
+    from fastbond.models import make_form
 
     if not (run_dir / "config.yaml").is_file():
         raise FastbondError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml", ["checkpoint.resume=false"])
-    if config.model.lora.r == 0:
-        raise FastbondError(f"{run_dir} is not a LoRA run (model.lora.r=0): its policy/ is already a whole model")
-    if adapter_dir is None:
+    form = make_form(config)
+    if policy_dir is None:
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
-            raise FastbondError(f"{run_dir} has no checkpoint to merge; name an adapter directory with --policy")
-        adapter_dir = checkpoint / "policy"
-    if not is_adapter_dir(adapter_dir):
-        raise FastbondError(f"{adapter_dir} holds no policy adapter ({ADAPTER_FILE})")
-    source = base_source(config)
-    base = load_policy(config, source, compute_dtype(config), torch.device("cpu"))
-    merged = merged_adapter(base, config.model.lora, adapter_dir)
-    return atomic.save_pretrained(merged, load_tokenizer(source, config.model.trust_remote_code), out)
+            raise FastbondError(f"{run_dir} has no checkpoint to merge; name a policy directory with --policy")
+        policy_dir = checkpoint / "policy"
+    return form.merge(config, Path(policy_dir), out, run_dir)
 
 
 

@@ -373,6 +373,18 @@ class LoraForm(PolicyForm):
         base = load_policy(config, base_source(config), torch.float32, device)
         return merged_adapter(base, config.model.lora, policy_dir).eval()
 
+    def merge(self, config, policy_dir: Path, out: Path, run_dir: Path) -> Path:
+        """The policy adapter in `policy_dir` merged into the run's base, in the compute dtype."""
+        from fastbond import atomic
+        from fastbond.models.loading import compute_dtype, load_tokenizer
+
+        if not is_adapter_dir(policy_dir):
+            raise FastbondError(f"{policy_dir} holds no policy adapter ({ADAPTER_FILE})")
+        source = base_source(config)
+        base = load_policy(config, source, compute_dtype(config), torch.device("cpu"))
+        merged = merged_adapter(base, config.model.lora, policy_dir)
+        return atomic.save_pretrained(merged, load_tokenizer(source, config.model.trust_remote_code), out)
+
     def held_tensors(self, models: Models) -> tuple[dict[str, list], dict[str, list]]:
         policy = {
             "base params": [local_tensor(p) for name, p in models.policy.named_parameters() if "lora_" not in name],

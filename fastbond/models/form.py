@@ -104,6 +104,13 @@ class PolicyForm(ABC):
     def judged_policy(self, config, policy_dir: Path, device: torch.device) -> nn.Module:
         """A plain one-process policy to judge, from an export (or a checkpoint's `policy/`)."""
 
+    def merge(self, config, policy_dir: Path, out: Path, run_dir: Path) -> Path:
+        """`fastbond merge`: a checkpoint's `policy/` written to `out` as a plain model (compute dtype)."""
+        from fastbond.errors import FastbondError
+
+        raise FastbondError(f"{run_dir} trains the {self.name} policy (model.lora.r=0): its policy/ is already a "
+                            "whole model, nothing to merge")
+
     @property
     def judges_live_policy(self) -> bool:
         """Whether the run's live policy is its export weight for weight, so that the run's own models

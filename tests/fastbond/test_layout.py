@@ -154,17 +154,16 @@ def test_only_the_vllm_sampler_branches_on_vllm():
     assert set(branches_on("vllm")) <= allowed, branches_on("vllm")
 
 
-# LoRA is a policy form (`fastbond.lora.LoraForm`): engines, samplers, the evaluation and the planner call
-# the form (or a table keyed by it) and never ask which it is. Besides lora.py, the config's checks of its
-# keys, the registry that picks the form and LoRA's own plan rows, one command remains: `fastbond merge`,
-# which exists for LoRA runs alone. The count may only go down; no other module may start one.
-LORA_BRANCHES_LEFT = {"fastbond/cli.py": 3}
-LORA_MODULES = {"fastbond/lora.py", "fastbond/config/schema.py", "fastbond/models/registry.py", "fastbond/plan/lora.py"}
+# LoRA is a policy form (`fastbond.lora.LoraForm`): engines, samplers, the evaluation, `fastbond merge` and
+# the planner call the form (or a table keyed by its name) and never ask which it is. Only lora.py, the
+# config's checks of its keys, the registry that picks the form and LoRA's own plan rows branch on it.
+LORA_MODULES = {"fastbond/lora.py", "fastbond/config/schema.py", "fastbond/models/registry.py",
+                "fastbond/plan/lora.py"}
 
 
 def test_only_the_lora_form_branches_on_lora():
     found = {path: n for path, n in branches_on("lora", "adapter").items() if path not in LORA_MODULES}
-    assert found == LORA_BRANCHES_LEFT
+    assert found == {}
 
 
 def test_engines_hold_the_policy_through_its_form_alone():

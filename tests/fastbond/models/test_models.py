@@ -94,3 +94,8 @@ def test_judged_models_read_an_export_in_fp32_beside_the_runs_reference(embedded
     models = judged_models(load_config(embedded_preset(), []), embedded_reference, torch.device("cpu"))
     assert not models.policy.training and {p.dtype for p in models.policy.parameters()} == {torch.float32}
     assert models.anchor is None
+
+
+def test_a_full_run_has_nothing_to_merge(tmp_path):
+    with pytest.raises(FastbondError, match=r"its policy/ is already a whole model, nothing to merge"):
+        FullForm().merge(load_config(None, []), tmp_path, tmp_path / "out", tmp_path)
