@@ -33,10 +33,9 @@ from torch import nn
 from fastbond.anchor import ShardedEMAAnchor, local_tensor
 from fastbond.errors import FastbondError
 from fastbond.models.form import Models, Placer, PolicyForm
-from fastbond.models.loading import load_policy, model_sources
+from fastbond.models.loading import ADAPTER_FILE, is_adapter_dir, load_policy, model_sources
 
 POLICY, ANCHOR = "policy", "anchor"
-ADAPTER_FILE = "adapter_model.safetensors"
 # Attention and MLP projections of the Llama / Gemma / Mistral / Qwen families.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Input-embedding names (refused as targets even where get_input_embeddings() says otherwise).
@@ -233,11 +232,6 @@ def load_policy_adapter(wrapped, path: Path) -> None:
             raise FastbondError(f"the policy adapter in {path} has '{key}' of shape {list(by_suffix[key].shape)}, "
                                 f"this run's is {list(param.shape)}: written with another model.lora.r?")
         param.copy_(by_suffix[key])
-
-
-def is_adapter_dir(path: Path) -> bool:
-    """Whether `path` holds a policy adapter (a LoRA checkpoint's policy/) rather than a whole model."""
-    return (Path(path) / ADAPTER_FILE).is_file()
 
 
 def merged_adapter(base: nn.Module, lora_config, path: Path) -> nn.Module:

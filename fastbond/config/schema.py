@@ -338,9 +338,6 @@ class TrainConfig:
         self.algorithm.check()
         self.optim.check(environment)
         self.rollout.check(environment)
-        self.model.lora.check(environment)
-        self.data.check(False)
-        self.reward.check(False)
         positive("steps", self.steps)
         require(0 <= self.seed < SEED_LIMIT, f"config key 'seed' must lie in [0, 2**63), got {self.seed}")
         require(0 <= self.cpu_threads <= MAX_CPU_THREADS, f"config key 'cpu_threads' must lie in "
@@ -351,13 +348,12 @@ class TrainConfig:
         self.checkpoint.check(environment)
         self.frontier.check(environment)
         self.evaluation.check(environment)
-        self.model.check(False)
         one_of("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                 f"config key 'device' must be auto, cpu or cuda[:N], got '{self.device}'")
         self.engine.check(environment)
         if environment:
             run_directory(self.run_dir)
-            self.model.check(True)
-            self.data.check(True)
-            self.reward.check(True)
+        self.model.check(environment)
+        self.data.check(environment)
+        self.reward.check(environment)

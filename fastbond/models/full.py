@@ -10,9 +10,7 @@ from torch import nn
 from fastbond.anchor import local_tensor
 from fastbond.errors import FastbondError
 from fastbond.models.form import Models, Placer, PolicyForm
-from fastbond.models.loading import load_frozen, load_policy, model_sources
-
-PEFT_WEIGHTS = "adapter_model.safetensors"  # what a PEFT adapter directory holds instead of a model's weights
+from fastbond.models.loading import is_adapter_dir, load_frozen, load_policy, model_sources
 
 
 class FullForm(PolicyForm):
@@ -38,7 +36,7 @@ class FullForm(PolicyForm):
         return True
 
     def judged_policy(self, config, policy_dir: Path, device: torch.device) -> nn.Module:
-        if (Path(policy_dir) / PEFT_WEIGHTS).is_file():
+        if is_adapter_dir(policy_dir):
             raise FastbondError(f"{policy_dir} holds a LoRA adapter, but the run's config has model.lora.r=0; "
                                 "pass the run's model.lora keys as overrides")
         return load_policy(config, policy_dir, torch.float32, device).eval()

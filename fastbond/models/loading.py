@@ -19,6 +19,8 @@ from fastbond.errors import FastbondError
 
 # config `model.dtype` → torch dtype
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a PEFT adapter directory (a LoRA checkpoint's policy/) holds instead of a model's weights.
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,6 +38,11 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` holds a policy adapter (a LoRA checkpoint's policy/) rather than a whole model."""
+    return (Path(path) / ADAPTER_FILE).is_file()
 
 
 def check_model_directory(path: str | Path) -> None:

@@ -161,9 +161,14 @@ LORA_MODULES = {"fastbond/lora.py", "fastbond/config/schema.py", "fastbond/model
                 "fastbond/plan/lora.py"}
 
 
+# One test outside them, not a branch of behaviour: the full form refuses, in one line, to judge a directory
+# that holds a LoRA adapter (`is_adapter_dir`, defined once in models/loading.py for both forms).
+LORA_REFUSALS = {"fastbond/models/full.py": 1}
+
+
 def test_only_the_lora_form_branches_on_lora():
     found = {path: n for path, n in branches_on("lora", "adapter").items() if path not in LORA_MODULES}
-    assert found == {}
+    assert found == LORA_REFUSALS
 
 
 def test_engines_hold_the_policy_through_its_form_alone():
