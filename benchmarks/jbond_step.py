@@ -76,8 +76,10 @@ def build_model_dir(directory: Path, dims: dict, device: torch.device) -> dict:
     return {"architecture": "GemmaForCausalLM", **dims, "parameters": params, "dtype": "bfloat16"}
 
 
-def time_steps(model_dir: Path, run_dir: Path, device: str, prompts: int, new_tokens: int, steps: int) -> dict:
-    """`steps` J-BOND steps of the trainer on `model_dir`; per-step phase seconds and peak memory."""
+def time_steps(model_dir: Path, run_dir: Path, device: str, prompts: int, new_tokens: int, steps: int,
+               sampler: str = "generate") -> dict:
+    """`steps` J-BOND steps of the trainer on `model_dir` drawing with `sampler` (rollout.backend); per-step
+    phase seconds and peak memory."""
     from fastbond.config import load_config
     from fastbond.embedded.grammar import all_prompts, write_prompts_jsonl
     from fastbond.train import PhaseTimer, setup_run, train_step
@@ -88,7 +90,7 @@ def time_steps(model_dir: Path, run_dir: Path, device: str, prompts: int, new_to
         f"model.policy={model_dir}", "model.dtype=bfloat16",
         f"data.prompts={prompt_file}", f"data.eval_prompts={prompt_file}",
         "algorithm.name=jbond", f"rollout.batch_size={prompts}", f"rollout.max_new_tokens={new_tokens}",
-        "logging.progress=false", "evaluation.at_end=false",
+        "logging.progress=false", "evaluation.at_end=false", f"rollout.backend={sampler}",
     ])
     started = time.perf_counter()
     run = setup_run(config)
@@ -131,6 +133,8 @@ def time_steps(model_dir: Path, run_dir: Path, device: str, prompts: int, new_to
             "phases_s": {k: None if v is None else round(v, 4) for k, v in phases.items()},
             "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "skipped_step": bool(metrics.get("skipped_step")),
+            # the static sampler's refills of its sampling copy, inside `generate`
+            "sampler_copy_s": metrics.get("time/sampler_copy"),
         }
         records.append(record)
         log(f"step {step}{' (warm-up)' if step == 1 else ''}: {wall:.2f} s, "
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (J-BOND draws 3 samples each)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2, help="the first one warms up")
+    parser.add_argument("--samplers", default="generate,static",
+                        help="rollout.backend of each timed run, in order (the first fills the top-level fields)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -163,8 +169,16 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         result = {"model": model, "build_s": round(build_s, 2), "device": str(device)}
-        result.update(time_steps(work / "model", work / "run", str(device), args.prompts, args.new_tokens,
-                                 args.steps))
+        result["by_sampler"] = {}
+        for sampler in args.samplers.split(","):
+            log(f"rollout.backend={sampler}")
+            timed = time_steps(work / "model", work / f"run-{sampler}", str(device), args.prompts, args.new_tokens,
+                               args.steps, sampler)
+            result["by_sampler"][sampler] = timed
+            if len(result["by_sampler"]) == 1:
+                result.update(timed)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

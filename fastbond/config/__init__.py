@@ -42,6 +42,7 @@ from fastbond.config.schema import (
     OptimConfig,
     RewardConfig,
     RolloutConfig,
+    StaticSamplerConfig,
     TrainConfig,
     VLLMConfig,
 )
@@ -49,7 +50,8 @@ from fastbond.config.schema import (
 __all__ = [
     "ATTENTIONS", "DTYPE_NAMES", "MOVED_KEYS", "RENAMED_KEYS", "ROLLOUT_BACKENDS", "SEED_LIMIT",
     "CheckpointConfig", "DataConfig", "EngineConfig", "EvalConfig", "FrontierConfig", "LoggingConfig",
-    "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "TrainConfig", "VLLMConfig",
+    "LoraConfig", "ModelConfig", "OptimConfig", "RewardConfig", "RolloutConfig", "StaticSamplerConfig", "TrainConfig",
+    "VLLMConfig",
     "load_config", "merge_trees", "parse_overrides", "read_yaml", "replace_lora", "to_dict",
 ]
 

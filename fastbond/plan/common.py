@@ -135,6 +135,18 @@ def zero_trained_rows(plan: Plan, trained: ModelShape, ranks: int, stage: int, c
     return local
 
 
+def sampler_rows(plan: Plan, config: TrainConfig, policy: ModelShape, master_wider: bool) -> None:
+    """The static sampler's copy of the weights it decodes with (`fastbond.rollout.static_sampler.SamplingCopy`):
+    held when its step is captured (`rollout.static.capture` auto or true: a plan is for GPUs) or when the
+    policy's own weights are wider than the compute dtype (`master_wider`: one process's fp32 master)."""
+    rollout = config.rollout
+    if rollout.backend != "static":
+        return
+    c, dtype = DTYPE_BYTES[config.model.dtype], config.model.dtype
+    if rollout.static.capture is not False or (master_wider and c != 4):
+        plan.add(f"static sampler copy ({dtype}, each role loaded in turn)", c * policy.total)
+
+
 def fit_line(plan: Plan, gpu_gib: float) -> str:
     """Whether the counted device bytes, with the largest transient buffer, fit one GPU of `gpu_gib` GiB."""
     device, _ = plan.totals()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastbond.config import TrainConfig
 from fastbond.memory import Plan
-from fastbond.plan.common import DTYPE_BYTES, ModelShape, sharding, zero_trained_rows
+from fastbond.plan.common import DTYPE_BYTES, ModelShape, sampler_rows, sharding, zero_trained_rows
 
 
 def plan_full(config: TrainConfig, ranks: int, stage: int | None, policy: ModelShape,
@@ -54,6 +54,7 @@ def plan_full(config: TrainConfig, ranks: int, stage: int | None, policy: ModelS
             plan.add("generation: whole policy gathered once", c * psi, transient=True)
         plan.add("fused LM head: gathered weight", c * vocab * hidden, transient=True)
     plan.add("fused LM head: fp32 weight gradient", 4 * vocab * hidden, transient=True)
+    sampler_rows(plan, config, policy, master_wider=not deepspeed)
 
     plan.notes.append(f"policy: {psi:,} parameters ({policy.source})")
     if reference is not None:

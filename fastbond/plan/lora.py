@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastbond.config import TrainConfig, replace_lora
 from fastbond.lora import DEFAULT_TARGETS
 from fastbond.memory import Plan
-from fastbond.plan.common import DTYPE_BYTES, HEAD_NAME, ModelShape, fit_line, sharding, zero_trained_rows
+from fastbond.plan.common import (
+    DTYPE_BYTES,
+    HEAD_NAME,
+    ModelShape,
+    fit_line,
+    sampler_rows,
+    sharding,
+    zero_trained_rows,
+)
 
 
 def lora_targets(shape: ModelShape, lora) -> list[str]:
@@ -65,6 +73,7 @@ def plan_lora(config: TrainConfig, ranks: int, stage: int | None, policy: ModelS
         plan.add("adapted LM head: merged weight", c * vocab * hidden, transient=True)
         plan.add("adapted LM head: fp32 weight gradient", 4 * vocab * hidden, transient=True)
     # otherwise the head is frozen: the fused op computes no weight gradient, so no transient head buffer
+    sampler_rows(plan, config, policy, master_wider=False)  # the base is held in the compute dtype
     plan.notes.append(f"policy: {policy.total:,} parameters ({policy.source}); one adapter {a:,}")
     plan.notes.append("not counted: activations, KV cache, communication buckets, CUDA context")
     return plan

@@ -20,12 +20,19 @@ def _vllm_sampler(*, config, noise, **kwargs) -> Sampler:
     return VLLMSampler.for_run(config=config, noise=noise or KeyedNoise(config.seed), **kwargs)
 
 
+def _static_sampler(**kwargs) -> Sampler:
+    from fastbond.rollout.static_sampler import StaticSampler
+
+    return StaticSampler.for_run(**kwargs)
+
+
 def _generate_sampler(*, tokenizer, max_new_tokens, temperature, noise, generation, **_) -> Sampler:
     return GenerateSampler(tokenizer, max_new_tokens, temperature, noise, generation)
 
 
 # rollout.backend → how a run's sampler is built (keyword arguments: see `make_sampler`)
-SAMPLERS: dict[str, Callable[..., Sampler]] = {"generate": _generate_sampler, "vllm": _vllm_sampler}
+SAMPLERS: dict[str, Callable[..., Sampler]] = {"generate": _generate_sampler, "vllm": _vllm_sampler,
+                                               "static": _static_sampler}
 
 
 def make_sampler(config, *, tokenizer, policy, generation, gathered, device, weights=None) -> Sampler:

@@ -15,9 +15,14 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x · constant) mod 2³² on int64 tensors holding uint32 values, without int64 overflow."""
-    low, high = x & 0xFFFF, x >> 16
-    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & _MASK32
+    """(x · constant) mod 2³² on int64 tensors holding uint32 values.
+
+    The int64 product may overflow: it wraps modulo 2⁶⁴ (two's complement, on CPU and CUDA alike), and
+    its low 32 bits are then still those of the exact product (tests/fastbond/rollout/test_keyed_sampler.py
+    checks this against Python's integers). Two tensor ops a multiply, where splitting x in 16-bit halves
+    to stay below 2⁶³ took six: the keyed noise hashes every token of every row at every step.
+    """
+    return (x * constant) & _MASK32
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -38,13 +43,34 @@ def combine_keys(*parts: int) -> int:
     return int(key)
 
 
-def keyed_uniform(row_keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
-    """[R, V] uniforms in (0, 1), a pure function of (row key, position, token id)."""
+_TOKEN_HASHES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """hash32 of each token id: the same every position, so computed once per vocabulary and device."""
+    key = (vocab, str(device))
+    if key not in _TOKEN_HASHES:
+        _TOKEN_HASHES[key] = hash32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x2545 + 0x1B873593)
+    return _TOKEN_HASHES[key]
+
+
+def keyed_uniform(row_keys: torch.Tensor, position: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, V] uniforms in (0, 1), a pure function of (row key, position, token id).
+
+    `position` may be a 0-d int64 tensor, so that a captured decode step reads it from device memory.
+    """
     device = row_keys.device
-    at = hash32(row_keys.to(torch.int64) ^ hash32(torch.tensor(position + 0x632BE5AB, device=device)))
-    tokens = hash32(torch.arange(vocab, device=device, dtype=torch.int64) * 0x2545 + 0x1B873593)
-    bits = hash32(at[:, None] ^ tokens[None, :]) >> 8  # 24 bits: exact in float32
+    position = torch.as_tensor(position, dtype=torch.int64, device=device)
+    at = hash32(row_keys.to(torch.int64) ^ hash32(position + 0x632BE5AB))
+    bits = hash32(at[:, None] ^ _token_hashes(vocab, device)[None, :]) >> 8  # 24 bits: exact in float32
     return (bits.to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def keyed_gumbel_scores(logits: torch.Tensor, row_keys: torch.Tensor, position: int | torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """logits / T + Gumbel noise keyed per row: their argmax is a draw from softmax(logits / T)."""
+    uniform = keyed_uniform(row_keys.to(logits.device), position, logits.shape[-1])
+    return logits.float() / temperature - torch.log(-torch.log(uniform))
 
 
 class KeyedGumbel:
@@ -60,10 +86,7 @@ class KeyedGumbel:
         self.temperature = temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        position = input_ids.shape[1] - self.prompt_length
-        uniform = keyed_uniform(self.row_keys.to(scores.device), position, scores.shape[-1])
-        gumbel = -torch.log(-torch.log(uniform))
-        return scores.float() / self.temperature + gumbel
+        return keyed_gumbel_scores(scores, self.row_keys, input_ids.shape[1] - self.prompt_length, self.temperature)
 
 
 class KeyedNoise:
@@ -85,4 +108,8 @@ class KeyedNoise:
     def row_keys(self, prompt_index: list[int], sample_index: list[int]) -> torch.Tensor:
         self.draw += 1
         base = combine_keys(self.seed, self.step, self.draw)
-        return torch.tensor([combine_keys(base, p, s) for p, s in zip(prompt_index, sample_index)], dtype=torch.int64)
+        # combine_keys(base, p, s) for every row at once: the same integer ops on a vector
+        key = torch.tensor(combine_keys(base), dtype=torch.int64)
+        for part in (prompt_index, sample_index):
+            key = hash32(key ^ (torch.tensor(part, dtype=torch.int64) & _MASK32))
+        return key

@@ -5,7 +5,8 @@ on how the batch is split), against the one-process trainer on the same
 config: ZeRO-3 and ZeRO-2 give the same per-step loss and the same final
 weights. Then a run saved on 2 ranks resumes on 2 ranks through the CLI and
 continues exactly as the run that never stopped. The same for LoRA J-BOND
-(model.lora) under ZeRO-3, whose checkpoints hold adapters and no base.
+(model.lora) under ZeRO-3, whose checkpoints hold adapters and no base, and the static sampler
+(rollout.backend=static) under ZeRO-3, against the one-process run that samples with `generate`.
 About 100 s on 2 cores.
 
 Tolerances: the two runs sample the same tokens; what differs is the order of
@@ -131,6 +132,16 @@ def test_zero3_trains_like_one_process(zero3, one_process):
     assert_same_run(zero3, one_process)
     anchor = sorted(p.name for p in (zero3 / "checkpoints" / "step-000003" / "anchor").iterdir())
     assert anchor == ["anchor-rank00000-of-00002.safetensors", "anchor-rank00001-of-00002.safetensors"]
+
+
+@pytest.mark.parametrize("gather", ["full", "per_layer"])
+def test_zero3_with_the_static_sampler_trains_like_one_process_with_generate(cache, tmp_path_factory, one_process,
+                                                                            gather):
+    """rollout.backend=static draws what generate draws: per_layer, every forward is a collective and each rank
+    takes every decode step (its rows may end sooner); full, one gather for the draw."""
+    ranks = deepspeed_train(cache, tmp_path_factory.mktemp(f"static-{gather}") / "run", "engine.zero_stage=3",
+                            "rollout.backend=static", f"engine.generation_gather={gather}")
+    assert_same_run(ranks, one_process)
 
 
 def test_zero2_trains_like_one_process(cache, tmp_path_factory, one_process):

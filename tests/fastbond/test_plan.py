@@ -78,6 +78,25 @@ def test_one_process_fp32_has_no_separate_master_or_anchor_state(small):
         plan_memory(config, 2, small, small, None)
 
 
+@pytest.mark.parametrize("overrides, copy_bytes", [
+    (["engine.kind=torch", "model.dtype=bfloat16"], None),  # generate: the roles' own weights
+    (["engine.kind=torch", "model.dtype=bfloat16", "rollout.backend=static"], 2 * 212),  # captured (a plan is for GPUs)
+    # not captured: a copy only where the policy's weights are wider than bf16 (one process's fp32 master)
+    (["engine.kind=torch", "model.dtype=bfloat16", "rollout.backend=static", "rollout.static.capture=false"], 2 * 212),
+    (["engine.kind=torch", "rollout.backend=static", "rollout.static.capture=false"], None),
+    (["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16", "rollout.backend=static",
+      "rollout.static.capture=false"], None),
+    (["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16", "rollout.backend=static"], 2 * 212),
+    (["model.lora.r=2", "model.dtype=bfloat16", "rollout.backend=static"], 2 * 212),
+    (["model.lora.r=2", "model.dtype=bfloat16", "rollout.backend=static", "rollout.static.capture=false"], None),
+])
+def test_the_static_sampler_copy_is_planned_where_it_is_held(small, overrides, copy_bytes):
+    config = load_config(None, overrides)
+    ranks = 3 if "engine.zero_stage=3" in overrides else 1
+    held = rows(plan_memory(config, ranks, small, small, None)).get("static sampler copy")
+    assert held == (None if copy_bytes is None else (copy_bytes, 0))
+
+
 def test_presets_match_the_published_parameter_counts():
     assert resolve_shape("gemma-7b").total == 8_537_680_896
     assert resolve_shape("/models/llama-3-8b-instruct").total == 8_030_261_248

@@ -53,3 +53,29 @@ def test_a_row_samples_the_same_whatever_else_is_in_its_batch(reference):
     whole = draw(range(4))
     assert draw(range(2)) + draw(range(2, 4)) == whole
     assert len(set(whole)) > 1
+
+
+def _hash32_exact(x: int) -> int:
+    """lowbias32 on Python's unbounded integers: what the tensor version must compute bit for bit."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_hash_equals_exact_integer_arithmetic_where_int64_products_overflow():
+    values = [0, 1, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 0x9E3779B9, 123456789]
+    got = hash32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [_hash32_exact(v) for v in values]
+
+
+def test_row_keys_are_the_keys_of_seed_step_draw_prompt_and_sample():
+    noise = KeyedNoise(5)
+    noise.start_step(3)
+    noise.row_keys([0], [0])  # the step's first draw
+    index, sample_index = [0, 1, 2, 7, 2**33 + 4], [0, 1, 0, 3, 2]
+    base = combine_keys(5, 3, 2)
+    expected = [combine_keys(base, p, s) for p, s in zip(index, sample_index)]
+    assert noise.row_keys(index, sample_index).tolist() == expected

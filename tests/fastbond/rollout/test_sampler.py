@@ -121,7 +121,7 @@ def test_make_sampler_builds_the_backend_of_the_config(reference, noise, keyed):
                            device=torch.device("cpu"))
     assert isinstance(sampler, GenerateSampler) and sampler.max_new_tokens == 5
     assert (sampler.noise is not None) == keyed
-    assert set(SAMPLERS) == {"generate", "vllm"}
+    assert set(SAMPLERS) == {"generate", "vllm", "static"}
 
 
 def test_an_unknown_backend_is_one_line(reference):
