@@ -2,12 +2,16 @@
 
     bash benchmarks/gpu_check.sh [--dry-run] [--out PATH]     # the entry: installs carried wheels, then this
 
-Parts, each a subprocess with its own timeout inside one 8-minute budget:
+Parts, each a subprocess with its own timeout inside one 9.5-minute budget:
 
     tests                 python -m pytest -m cuda tests          pass / fail / skip counts
+    decode                benchmarks/decode_speed.py: ms per decode step of generate and of the static
+                          sampler at batch 8, 24, 64 (Gemma-2B shape), beside the weight-read floor
+    step                  benchmarks/jbond_step.py: a J-BOND step of a Gemma-2B-shaped model, phase by
+                          phase, sampling with generate and with the static sampler
     bench:<suite>         benchmarks/test_bench_<suite>.py --benchmark-enable --benchmark-json=…,
                           at the real shapes (-k picks them, `SUITES`)
-    step                  benchmarks/jbond_step.py: one J-BOND step of a Gemma-2B-shaped model
+    rollout               benchmarks/rollout_speed.py: samples/s of each sampler (vLLM where installed)
 
 A part that runs past its timeout is killed with its process group and
 recorded as "timed out". The result, `benchmarks/results/<gpu>-<date>.json`
@@ -42,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCHEMA = "fastbond-gpu-check/1"
-BUDGET_S = 480  # the whole command, wheel installation included
+BUDGET_S = 570  # the whole command, wheel installation included (one device call runs at most 600 s)
 REPORT_S = 15  # kept back for the summary and the table
 
 # Goals (benchmarks/README.md). linear_logprobs recomputes the logits in its
@@ -51,6 +55,12 @@ REPORT_S = 15  # kept back for the summary and the table
 FLOOR_OVER_GEMMS = 4 / 3
 GOAL_OVER_FLOOR = 1.1
 GOAL_EMA_OVER_COPY = 0.85
+# Sampling (issue: the static sampler): a decode step at batch ≤ 24 within 2× of reading the weights once;
+# the Gemma-2B-shaped J-BOND step within 0.6 s, sampling at most half of it.
+GOAL_DECODE_OVER_FLOOR = 2.0
+GOAL_DECODE_BATCHES = (8, 24)
+GOAL_STEP_S = 0.6
+GOAL_SAMPLING_SHARE = 0.5
 
 # Packages carried as wheels (benchmarks/build_wheels.sh): distribution → module.
 OPTIONAL = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy", "deepspeed": "deepspeed"}
@@ -79,7 +89,8 @@ SUITES = {
     # The smaller batch; not behind a goal, so it runs last.
     "jbond_linear": ("B16xT256", 70, 50),
 }
-STEP_CAP_S, STEP_ESTIMATE_S = 150, 100
+STEP_CAP_S, STEP_ESTIMATE_S = 210, 150  # two runs: generate, then the static sampler (its compile included)
+DECODE_CAP_S, DECODE_ESTIMATE_S = 120, 80
 ROLLOUT_CAP_S, ROLLOUT_ESTIMATE_S = 60, 30  # benchmarks/rollout_speed.py: generate vs vllm samples/s
 TESTS_CAP_S, TESTS_ESTIMATE_S = 90, 60
 
@@ -98,13 +109,17 @@ def parts(raw: Path, cuda: bool) -> list[Part]:
             command += ["-k", select]
         bench[suite] = Part(f"bench:{suite}", command, cap, estimate,
                             files={"json": raw / f"bench-{suite}.json", "junit": raw / f"bench-{suite}.xml"})
+    decode_args = [] if cuda else ["--tiny", "--batches", "4,8", "--short", "2", "--long", "6", "--prompt-tokens", "8"]
+    decode = Part("decode", [py, str(BENCH / "decode_speed.py"), "--out", str(raw / "decode.json"), *decode_args],
+                  DECODE_CAP_S, DECODE_ESTIMATE_S, floor_s=60 if cuda else 20, files={"json": raw / "decode.json"})
     step_args = [] if cuda else ["--tiny", "--prompts", "4", "--new-tokens", "8"]
     step = Part("step", [py, str(BENCH / "jbond_step.py"), "--out", str(raw / "step.json"), *step_args],
                 STEP_CAP_S, STEP_ESTIMATE_S, floor_s=90 if cuda else 20, files={"json": raw / "step.json"})
     rollout_args = ["--device", "cuda"] if cuda else ["--device", "cpu", "--quick"]
     rollout = Part("rollout", [py, str(BENCH / "rollout_speed.py"), "--out", str(raw / "rollout.json"), *rollout_args],
                    ROLLOUT_CAP_S, ROLLOUT_ESTIMATE_S, files={"json": raw / "rollout.json"})
-    return [tests, bench["linear_logprobs"], bench["jbond_loss"], bench["ema"], step, bench["jbond_linear"], rollout]
+    return [tests, decode, step, bench["linear_logprobs"], bench["jbond_loss"], bench["ema"], bench["jbond_linear"],
+            rollout]
 
 
 # --------------------------------------------------------------------------- #
@@ -356,7 +371,43 @@ def evaluate_goals(result: dict) -> list[dict]:
         rows.append(_row(goal, None, "≥ 1.00×", None, why) if why else
                     _row(goal, f"{row['ratio_vs_foreach_lerp']:.2f}× its GB/s", "≥ 1.00×",
                          row["ratio_vs_foreach_lerp"] >= 1.0))
+    rows.extend(_sampling_rows(result))
     rows.append(_rollout_row(result))
+    return rows
+
+
+def _sampling_rows(result: dict) -> list[dict]:
+    """The static sampler's goals: decode steps against the weight-read floor, and the J-BOND step."""
+    rows = []
+    cuda = result["env"].get("cuda_available")
+    decode = result.get("decode") or {}
+    batches = {entry["batch"]: entry for entry in decode.get("batches", [])}
+    for batch in GOAL_DECODE_BATCHES:
+        goal = f"static decode step ≤ {GOAL_DECODE_OVER_FLOOR:g}× the weight-read floor [gemma-2b B={batch}]"
+        target = f"≤ {GOAL_DECODE_OVER_FLOOR:.2f}×"
+        entry = batches.get(batch)
+        if not cuda:
+            rows.append(_row(goal, None, target, None, "no CUDA"))
+        elif entry is None:
+            rows.append(_row(goal, None, target, None, f"decode {decode.get('status', 'not run')}"))
+        else:
+            ratio = entry["static_over_floor"]
+            how = "captured" if entry.get("static_captured") else "eager"
+            rows.append(_row(goal, f"{ratio:.2f}× ({entry['static_ms']:.2f} ms, {how}; generate "
+                                   f"{entry['generate_over_floor']:.1f}×)", target, ratio <= GOAL_DECODE_OVER_FLOOR))
+    timed = ((result.get("step") or {}).get("by_sampler") or {}).get("static", {}).get("steps") or []
+    goals = ((f"J-BOND step with the static sampler ≤ {GOAL_STEP_S} s [gemma-2b]", f"≤ {GOAL_STEP_S} s"),
+             (f"sampling ≤ {GOAL_SAMPLING_SHARE:.0%} of that step", f"≤ {GOAL_SAMPLING_SHARE:.2f}"))
+    for goal, target in goals:
+        if not cuda:
+            rows.append(_row(goal, None, target, None, "no CUDA"))
+        elif not timed:
+            rows.append(_row(goal, None, target, None, f"step {result.get('step', {}).get('status', 'not run')}"))
+        elif goal.startswith("J-BOND"):
+            rows.append(_row(goal, f"{timed[-1]['wall_s']:.3f} s", target, timed[-1]["wall_s"] <= GOAL_STEP_S))
+        else:
+            share = timed[-1]["phases_s"]["generate"] / timed[-1]["wall_s"]
+            rows.append(_row(goal, f"{share:.2f}", target, share <= GOAL_SAMPLING_SHARE))
     return rows
 
 
@@ -386,16 +437,37 @@ def goal_table(rows: list[dict]) -> str:
 def step_table(step: dict) -> str:
     if not step.get("steps"):
         return f"J-BOND step: {step.get('status', 'not run')}"
-    timed = step["steps"][-1]
+    runs = step.get("by_sampler") or {"generate": step}
     model = step["model"]
+    timed = {name: run["steps"][-1] for name, run in runs.items() if run.get("steps")}
+    first = next(iter(timed.values()))
     title = (f"J-BOND step of a {model['parameters'] / 1e6:,.1f}M-parameter {model['architecture']} "
              f"({step['prompts']} prompts × 3 samples, {step['new_tokens']} new tokens, {step['device']}), "
-             f"step {timed['step']} of {len(step['steps'])}:")
-    lines = [title, "", "| phase | seconds |", "|---|---|"]
-    lines += [f"| {phase} | {value:.3f} |" for phase, value in timed["phases_s"].items() if value is not None]
-    lines.append(f"| **whole step** | {timed['wall_s']:.3f} |")
-    peak = timed["peak_memory_GiB"]
-    lines.append(f"| peak GPU memory | {f'{peak} GiB' if peak is not None else 'skipped (no CUDA)'} |")
+             f"step {first['step']} of {len(step['steps'])}, seconds by rollout.backend:")
+    lines = [title, "", "| phase | " + " | ".join(timed) + " |", "|---|" + "---|" * len(timed)]
+    for phase in first["phases_s"]:
+        values = [t["phases_s"].get(phase) for t in timed.values()]
+        if any(v is not None for v in values):
+            lines.append(f"| {phase} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in values) + " |")
+    lines.append("| **whole step** | " + " | ".join(f"{t['wall_s']:.3f}" for t in timed.values()) + " |")
+    peaks = [t["peak_memory_GiB"] for t in timed.values()]
+    lines.append("| peak GPU memory | " + " | ".join(f"{p} GiB" if p is not None else "skipped (no CUDA)"
+                                                    for p in peaks) + " |")
+    return "\n".join(lines)
+
+
+def decode_table(decode: dict) -> str:
+    if not decode.get("batches"):
+        return f"decode: {decode.get('status', 'not run')}"
+    lines = [f"Decode steps ({decode['dtype']}, {decode['prompt_tokens']}-token prompts, {decode['device']}): "
+             f"weight-read floor {decode['floor_ms']:.3f} ms ({decode['weight_bytes'] / 1e9:.2f} GB at "
+             f"{decode['copy_bandwidth_Bps'] / 1e12:.2f} TB/s copied)", "",
+             "| batch | generate ms | static ms | generate / floor | static / floor | static first draw s |",
+             "|---|---|---|---|---|---|"]
+    for e in decode["batches"]:
+        lines.append(f"| {e['batch']} | {e['generate_ms']:.2f} | {e['static_ms']:.2f} | "
+                     f"{e['generate_over_floor']:.1f}× | {e['static_over_floor']:.1f}× | "
+                     f"{e['static_warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -462,7 +534,7 @@ def main(argv=None) -> int:
     clock.say(f"result: {out}; logs and raw files: {raw}/")
 
     result = {"schema": SCHEMA, "dry_run": args.dry_run, "date": today, "budget_s": BUDGET_S, "env": envinfo,
-              "parts": {}, "tests": None, "benchmarks": {}, "step": {}, "rollout": {}, "goals": []}
+              "parts": {}, "tests": None, "benchmarks": {}, "decode": {}, "step": {}, "rollout": {}, "goals": []}
     plan = parts(raw, cuda)
     clock.say("plan on one H100/H200: " + ", ".join(f"{p.name} ~{p.estimate_s} s" for p in plan)
               + f"; {sum(p.estimate_s for p in plan)} s of the {BUDGET_S} s budget")
@@ -496,6 +568,11 @@ def main(argv=None) -> int:
             if part.files["json"].is_file():
                 entry["results"] = summarize_suite(suite, json.loads(part.files["json"].read_text()))
             result["benchmarks"][suite] = entry
+        elif part.name == "decode":
+            decode = {"status": status}
+            if part.files["json"].is_file():
+                decode.update(json.loads(part.files["json"].read_text()))
+            result["decode"] = decode
         elif part.name == "rollout":
             rollout = {"status": status}
             if part.files["json"].is_file():
@@ -521,6 +598,8 @@ def main(argv=None) -> int:
     print(package_table(envinfo["packages"]))
     print()
     print(goal_table(result["goals"]))
+    print()
+    print(decode_table(result["decode"]))
     print()
     print(step_table(result["step"]))
     for suite in ("linear_logprobs", "jbond_linear"):

@@ -40,8 +40,8 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
     for key in ("device", "torch", "triton", "transformers", "cuda", "commit", "packages"):
         assert key in result["env"]
     assert set(result["env"]["packages"]) == set(gpu_check.OPTIONAL)
-    assert list(result["parts"]) == ["tests", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema", "step",
-                                     "bench:jbond_linear", "rollout"]
+    assert list(result["parts"]) == ["tests", "decode", "step", "bench:linear_logprobs", "bench:jbond_loss",
+                                     "bench:ema", "bench:jbond_linear", "rollout"]
     for name, part in result["parts"].items():
         assert part["status"] == "ok", (name, part)
         assert (ROOT / part["log"]).is_file()
@@ -49,10 +49,16 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
     assert result["tests"]["skipped"] > 0 and result["tests"]["failed"] == result["tests"]["errors"] == 0
     for suite in gpu_check.SUITES:
         assert (ROOT / result["benchmarks"][suite]["json"]).is_file() and result["benchmarks"][suite]["results"]
-    step = result["step"]["steps"][-1]
-    assert set(step["phases_s"]) == {"generate", "logprobs_and_loss", "backward_and_clip", "optimizer", "ema"}
-    assert all(value is not None and value >= 0 for value in step["phases_s"].values())
-    assert step["peak_memory_GiB"] is None
+    assert set(result["step"]["by_sampler"]) == {"generate", "static"}
+    for run in result["step"]["by_sampler"].values():
+        step = run["steps"][-1]
+        assert set(step["phases_s"]) == {"generate", "logprobs_and_loss", "backward_and_clip", "optimizer", "ema"}
+        assert all(value is not None and value >= 0 for value in step["phases_s"].values())
+        assert step["peak_memory_GiB"] is None
+    # The decode part timed both samplers per step at each batch, beside the floor.
+    assert [e["batch"] for e in result["decode"]["batches"]] == [4, 8]
+    assert all(e["generate_ms"] > 0 and e["static_ms"] > 0 for e in result["decode"]["batches"])
+    assert result["decode"]["floor_ms"] > 0 and "| batch | generate ms | static ms |" in proc.stdout
     # The rollout benchmark timed generate on the embedded model (vLLM, where installed, beside it).
     assert result["rollout"]["models"][0]["generate"]["samples_per_s"] > 0
 
@@ -66,7 +72,7 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
 
 
 def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedup=1.5, copy_ratio=0.9,
-              lerp_ratio=1.2, vllm_ratio=2.0) -> dict:
+              lerp_ratio=1.2, vllm_ratio=2.0, decode_over_floor=1.5, step_s=0.5, sampling_s=0.2) -> dict:
     """A result as gpu_check.py writes it on a GPU, with the numbers the goals read."""
     linear = [{"head": "gemma-2b", "N": n, "H": 2048, "V": 256000, "mode": "fwdbwd",
                "ms": {"triton": triton, "liger": liger, "cce": cce, "cublas": cublas},
@@ -75,8 +81,8 @@ def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedu
     return {
         "env": {"cuda_available": True, "packages": dict.fromkeys(gpu_check.OPTIONAL, installed)},
         "parts": {name: {"status": "ok", "log": f"{name}.log"} for name in
-                  ["tests", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema", "step", "bench:jbond_linear",
-                   "rollout"]},
+                  ["tests", "decode", "step", "bench:linear_logprobs", "bench:jbond_loss", "bench:ema",
+                   "bench:jbond_linear", "rollout"]},
         "tests": {"passed": 12, "failed": 0, "errors": 0, "skipped": 0},
         "benchmarks": {
             "linear_logprobs": {"results": linear},
@@ -85,6 +91,11 @@ def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedu
             "ema": {"results": [{"preset": p, "ratio_vs_copy": copy_ratio, "ratio_vs_foreach_lerp": lerp_ratio}
                                 for p in ("gemma-2b", "gemma-7b")]},
         },
+        "decode": {"status": "ok", "batches": [
+            {"batch": b, "static_ms": 1.2 * decode_over_floor, "static_over_floor": decode_over_floor,
+             "generate_over_floor": 15.0, "static_captured": True} for b in (8, 24, 64)]},
+        "step": {"status": "ok", "by_sampler": {"static": {"steps": [
+            {"step": 2, "wall_s": step_s, "phases_s": {"generate": sampling_s}}]}}},
         "rollout": {"status": "ok", "models": [{"model": "random-llama-50m", "generate": {"samples_per_s": 10.0},
                                                 "vllm": {"samples_per_s": 10.0 * vllm_ratio},
                                                 "vllm_over_generate": vllm_ratio}]},
@@ -97,7 +108,7 @@ def _verdicts(result: dict) -> dict:
 
 def test_goals_pass_when_every_number_meets_its_goal():
     verdicts = _verdicts(_measured())
-    assert len(verdicts) == 13 and set(verdicts.values()) == {"PASS"}
+    assert len(verdicts) == 17 and set(verdicts.values()) == {"PASS"}
 
 
 @pytest.mark.parametrize("numbers, failing", [
@@ -108,6 +119,9 @@ def test_goals_pass_when_every_number_meets_its_goal():
     ({"copy_ratio": 0.8}, "copy bandwidth"),
     ({"lerp_ratio": 0.99}, "_foreach_lerp_"),
     ({"vllm_ratio": 0.9}, "vLLM rollouts"),
+    ({"decode_over_floor": 2.5}, "weight-read floor"),
+    ({"step_s": 0.7, "sampling_s": 0.3}, "J-BOND step with the static sampler"),
+    ({"sampling_s": 0.3}, "sampling ≤ 50%"),
 ])
 def test_a_missed_goal_is_a_fail(numbers, failing):
     verdicts = _verdicts(_measured(**numbers))
