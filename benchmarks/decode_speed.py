@@ -11,7 +11,7 @@ tokens with no EOS (every row runs to the end) after the same prefill; the
 difference over `long − short` steps is the cost of one step, prefill and
 first-call costs excluded. The static sampler's first draw of each batch size
 (its compile and graph capture where it captures) is timed apart as `warmup_s`.
-vLLM is timed too where it imports (`rollout_speed.py` has its engine).
+vLLM is not timed per step here: `rollout_speed.py` times its samples/s where it imports.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA and the fault handling, and the tests
-that catch them.
+"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler and the fault handling,
+and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fastbond/test_train.py"]
 RELIABILITY = ["tests/fastbond/test_reliability.py"]
 LORA = ["tests/fastbond/test_lora.py", "-k", "not reaches_the_reward"]  # the 40-step reward run aside
+ROLLOUT = ["tests/fastbond/rollout", "-m", "not slow and not vllm"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -76,6 +77,21 @@ MUTANTS = [
     ("fastbond/lora.py", "            save_policy_adapter(self.wrapped, Path(path), models.tokenizer, state=state)",
      "            placer.write_pretrained(models.policy, Path(path), models.tokenizer)",
      "a LoRA checkpoint holds the whole base", LORA),
+    # the static sampler (docs/rollouts.md): each runs the rollout tests
+    ("fastbond/rollout/decode.py", "position_ids=(positions + fed)[:, None]",
+     "position_ids=(positions + fed + 1)[:, None]", "the static sampler feeds each token one position late", ROLLOUT),
+    ("fastbond/rollout/decode.py", "return self.pick(logits, row_keys, fed + 1)",
+     "return self.pick(logits, row_keys, fed)", "the static sampler draws each token with the previous token's noise",
+     ROLLOUT),
+    ("fastbond/rollout/decode.py", "next_positions[keep], row_keys[keep]",
+     "next_positions[keep], row_keys[: len(keep)]",
+     "after finished rows leave, the rows left draw with other rows' keys", ROLLOUT),
+    ("fastbond/rollout/decode.py", "positions.masked_fill_(prompt_mask == 0, 1)", "pass",
+     "the static sampler counts positions over the left padding", ROLLOUT),
+    ("fastbond/rollout/static_sampler.py", "            self.copy.stale()", "            pass",
+     "the sampling copy keeps the policy's weights from before the update", ROLLOUT),
+    ("fastbond/rollout/keyed.py", "    return (x * constant) & _MASK32", "    return (x * constant) & 0x7FFFFFFF",
+     "the keyed hash drops a bit of its products", ROLLOUT),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),

@@ -10,6 +10,8 @@ finished rows dropped or not, in lockstep, and with the decode step compiled.
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
 import torch
 
@@ -167,13 +169,16 @@ def test_roles_loaded_into_a_sampling_copy_draw_what_each_role_draws(tokenizer):
                           row_keys=keys.row_keys(prompts.index, prompts.sample))
         _assert_same(sampler.draw(roles[name], prompts), expected)
     assert copy.fills == 3  # the anchor's second draw found its weights in place
-    with torch.no_grad():
-        roles["policy"].lm_head.weight.mul_(-1.0)  # an update moves the policy
-    sampler.after_update()
-    expected = sample(roles["policy"], tokenizer, prompts.ids, prompts.mask, NEW,
-                      row_keys=keys.row_keys(prompts.index, prompts.sample))
-    _assert_same(sampler.draw(roles["policy"], prompts), expected)
-    assert sampler.metrics()["rollout/weight_copies"] == 4.0 and sampler.metrics()["rollout/weight_copies"] == 0.0
+    for moved in (False, True):
+        if moved:
+            with torch.no_grad():
+                roles["policy"].lm_head.weight.mul_(-1.0)  # an update moves the policy
+            sampler.after_update()
+        expected = sample(roles["policy"], tokenizer, prompts.ids, prompts.mask, NEW,
+                          row_keys=keys.row_keys(prompts.index, prompts.sample))
+        _assert_same(sampler.draw(roles["policy"], prompts), expected)
+    assert copy.fills == 5  # the policy again, then the moved policy
+    assert sampler.metrics()["rollout/weight_copies"] == 5.0 and sampler.metrics()["rollout/weight_copies"] == 0.0
 
 
 def test_a_copy_missing_a_weight_is_refused(tokenizer):
@@ -276,8 +281,7 @@ def test_a_policy_wider_than_the_compute_dtype_is_sampled_from_a_copy_on_cuda(re
     """One process keeps fp32 master weights; on CUDA (autocast) the sampler decodes from a bf16 copy of them."""
     model, _ = reference
     assert wider_than(model, torch.bfloat16) and not wider_than(model, torch.float32)
-    assert not wider_than(model.to(torch.bfloat16), torch.bfloat16)
-    model.float()
+    assert not wider_than(deepcopy(model).to(torch.bfloat16), torch.bfloat16)  # the session's model stays fp32
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert needs_copy(cuda, capture=False, wide=True) and not needs_copy(cuda, capture=False, wide=False)
     assert needs_copy(cuda, capture=True, wide=False) and needs_copy(cpu, capture=True, wide=False)
