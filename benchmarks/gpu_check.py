@@ -92,7 +92,7 @@ SUITES = {
 STEP_CAP_S, STEP_ESTIMATE_S = 210, 150  # two runs: generate, then the static sampler (its compile included)
 DECODE_CAP_S, DECODE_ESTIMATE_S = 120, 80
 ROLLOUT_CAP_S, ROLLOUT_ESTIMATE_S = 60, 30  # benchmarks/rollout_speed.py: generate vs vllm samples/s
-TESTS_CAP_S, TESTS_ESTIMATE_S = 90, 60
+TESTS_CAP_S, TESTS_ESTIMATE_S = 150, 90  # two decode steps compiled among them
 
 
 def parts(raw: Path, cuda: bool) -> list[Part]:
@@ -493,6 +493,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="rehearse on CPU at tiny shapes")
     parser.add_argument("--out", help="the result JSON (default: benchmarks/results/<gpu>-<date>.json; "
                                       "a temporary path for --dry-run)")
+    parser.add_argument("--parts", help="a comma-separated subset of the parts (tests, decode, step, rollout, "
+                                        "bench:<suite>), to split the GPU day over calls; default: all")
     parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)  # the probe's own subprocess
     args = parser.parse_args(argv)
     if args.env:
@@ -536,6 +538,13 @@ def main(argv=None) -> int:
     result = {"schema": SCHEMA, "dry_run": args.dry_run, "date": today, "budget_s": BUDGET_S, "env": envinfo,
               "parts": {}, "tests": None, "benchmarks": {}, "decode": {}, "step": {}, "rollout": {}, "goals": []}
     plan = parts(raw, cuda)
+    if args.parts:
+        wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {p.name for p in plan})
+        if unknown:
+            clock.say(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(p.name for p in plan)}")
+            return 2
+        plan = [p for p in plan if p.name in wanted]
     clock.say("plan on one H100/H200: " + ", ".join(f"{p.name} ~{p.estimate_s} s" for p in plan)
               + f"; {sum(p.estimate_s for p in plan)} s of the {BUDGET_S} s budget")
     for index, part in enumerate(plan):

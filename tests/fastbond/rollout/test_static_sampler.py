@@ -321,3 +321,33 @@ def test_a_transformers_too_old_for_the_static_cache_is_one_line(monkeypatch):
     monkeypatch.setattr(schema, "_transformers_version", lambda: (4, 57))
     with pytest.raises(FastbondError, match=r"static needs transformers >= 5.17, installed 4.57"):
         load_config(embedded_preset(), ["rollout.backend=static"]).check(environment=True)
+
+
+# every family eagerly; compiling costs tens of seconds each, so two families captured (Gemma-2: soft-caps, windows)
+ON_CUDA = [(name, False) for name in ARCHITECTURES] + [("llama", True), ("gemma2", True)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("architecture", "capture"), ON_CUDA, ids=[f"{a}-{'captured' if c else 'eager'}"
+                                                                     for a, c in ON_CUDA])
+def test_on_cuda_the_static_sampler_draws_what_generate_draws(architecture, capture, tokenizer):
+    """fp32 on the GPU, TF32 off: eager, and compiled with CUDA graphs (`capture`), token for token."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = tiny_model(architecture, tokenizer).cuda()
+    _ends_early(model, tokenizer)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 32, torch.device("cuda"))
+    prompts = Prompts(list(PROMPTS), ids, mask)
+    expected = _expected(model, tokenizer, prompts, seed=3)
+    said = []
+    sampler = StaticSampler(tokenizer, NEW, noise=KeyedNoise(3), max_prompt_tokens=16, capture=capture,
+                            say=said.append)
+    sampler.start_step(1)
+    drawn = sampler.draw(model, prompts)
+    differ = (drawn.sequences != expected.sequences).sum().item() if drawn.sequences.shape == \
+        expected.sequences.shape else "shapes differ"
+    assert differ == 0, f"{differ} tokens differ from generate's ({said})"
+    _assert_same(drawn, expected)
+    assert sampler.decoder.capture == capture and not said, said  # a captured step stayed captured
