@@ -503,7 +503,10 @@ def main(argv=None) -> int:
 
     clock = Clock(float(os.environ.get("GPU_CHECK_T0") or time.time()))
     deadline = BUDGET_S - REPORT_S
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # `python benchmarks/x.py` puts benchmarks/ first on sys.path, not the repository: an uninstalled fastbond,
+    # importable from the root (which is all gpu_check.sh's check sees), would be missing in the scripts.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path)
     env.pop("TRITON_INTERPRET", None)  # the benchmarks time compiled kernels, never the interpreter
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU rehearsal even on a GPU machine
