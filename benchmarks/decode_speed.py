@@ -62,6 +62,25 @@ def per_step_ms(draw, device: torch.device, short: int, long: int, repeats: int)
         / (long - short) * 1e3
 
 
+def kernel_profile(run, device: torch.device, steps: int, top: int = 15) -> list[dict]:
+    """The `top` device kernels of one `run` by total time: where a decode step's time goes, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    events = prof.key_averages()
+    kernels = []
+    for event in events:
+        total_us = event.device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if total_us > 0 and (device.type != "cuda" or event.device_type.name == "CUDA"):
+            kernels.append({"name": event.key[:120], "calls": event.count, "total_ms": round(total_us / 1e3, 3),
+                            "us_per_step": round(total_us / steps, 1)})
+    kernels.sort(key=lambda k: -k["total_ms"])
+    return kernels[:top]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -72,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--short", type=int, default=8)
     parser.add_argument("--long", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also record the static sampler's kernels (torch.profiler) over --long steps, per batch")
     args = parser.parse_args(argv)
     from transformers import GemmaConfig, GemmaForCausalLM
 
@@ -120,6 +141,9 @@ def main(argv=None) -> int:
         entry["static_ms"] = per_step_ms(lambda new: decoder.decode(model, ids, mask, steps=new), device,
                                          args.short, args.long, args.repeats)
         entry["static_captured"] = capture and decoder.capture
+        if args.profile:
+            entry["static_kernels"] = kernel_profile(lambda: decoder.decode(model, ids, mask, steps=args.long),
+                                                     device, args.long)
         entry["generate_over_floor"] = entry["generate_ms"] / floor_ms
         entry["static_over_floor"] = entry["static_ms"] / floor_ms
         result["batches"].append(entry)

@@ -37,6 +37,14 @@ Shapes: on CUDA the LM heads of Gemma-2B (H 2048, V 256000), Gemma-7B (3072,
 256000) and Llama-3-8B (4096, 128256) in bf16 with N ∈ {4096, 16384} tokens;
 on CPU one tiny fp32 head, so the harness itself is exercised by
 `pytest --benchmark-disable` in seconds.
+
+Inputs (`lm_head_inputs.py`): `trained` gives the logits a trained LM's
+statistics (per-token entropy spread over 1–3 nats, a Zipf vocabulary
+marginal, targets sampled from the softmax); `random` is N(0, 1) hidden
+states, N(0, 1/H) weights and uniform targets, where nearly every probability
+is ≈ 1/V. Each case's extra_info carries its inputs' measured statistics
+(`input_stats`: entropy, the top 1% of the vocabulary's mass, the share of
+128×128 tiles a gradient filter at ε(dtype) would keep).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ import torch
 
 from fastbond.kernels._backend import triton_available
 from fastbond.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
+from lm_head_inputs import eps, honest_inputs, measure, random_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -92,24 +101,24 @@ def _skip_reason(impl: str):
 # ----------------------------------------------------------------------------
 
 _CACHE: dict = {}
+INPUTS = ["trained", "random"]  # lm_head_inputs: a trained LM's logit statistics, or N(0, 1) weights
 
 
-def _inputs(n: int, h: int, v: int) -> dict:
-    key = (n, h, v)
+def _inputs(n: int, h: int, v: int, kind: str = "trained") -> dict:
+    key = (n, h, v, kind)
     if key not in _CACHE:
         _CACHE.clear()
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-        targets = torch.randint(0, v, (n,), generator=gen, device=DEVICE)
-        targets[torch.rand(n, generator=gen, device=DEVICE) < 0.1] = IGNORE
-        _CACHE[key] = dict(
-            hidden=torch.randn(n, h, generator=gen, device=DEVICE).to(DTYPE).requires_grad_(),
-            weight=(torch.randn(v, h, generator=gen, device=DEVICE) * h**-0.5).to(DTYPE).requires_grad_(),
-            targets=targets,
-            grad_out=torch.rand(n, generator=gen, device=DEVICE) * 2 - 0.5,  # per-token weights
-        )
+        make = honest_inputs if kind == "trained" else random_inputs
+        x = make(n, h, v, DTYPE, DEVICE)
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        x["stats"] = measure(x["hidden"], x["weight"], x["targets"], eps(DTYPE))
+        x["hidden"].requires_grad_()
+        x["weight"].requires_grad_()
+        x["grad_out"] = torch.rand(n, generator=gen, device=DEVICE) * 2 - 0.5  # per-token weights
+        _CACHE[key] = x
     return _CACHE[key]
 
 
@@ -219,20 +228,21 @@ def _peak_extra_bytes(target, setup):
 
 
 CASES = [
-    pytest.param(head, h, v, n, impl, mode, id=f"{head}-N{n}-{impl}-{mode}")
+    pytest.param(head, h, v, n, kind, impl, mode, id=f"{head}-N{n}-{kind}-{impl}-{mode}")
     for head, h, v in HEADS
     for n in TOKENS
+    for kind in INPUTS
     for impl in IMPLS
     for mode in MODES
 ]
 
 
-@pytest.mark.parametrize("head, h, v, n, impl, mode", CASES)
-def test_bench_linear_logprobs(benchmark, head, h, v, n, impl, mode):
+@pytest.mark.parametrize("head, h, v, n, kind, impl, mode", CASES)
+def test_bench_linear_logprobs(benchmark, head, h, v, n, kind, impl, mode):
     reason = _skip_reason(impl)
     if reason:
         pytest.skip(reason)
-    x = _inputs(n, h, v)
+    x = _inputs(n, h, v, kind)
     target, setup = _timed_and_setup(impl, mode, x)
     try:  # untimed first call: compilation, autotuning, cuBLAS workspaces; OOM → skip
         args, kwargs = setup() if setup is not None else ((), {})
@@ -248,7 +258,8 @@ def test_bench_linear_logprobs(benchmark, head, h, v, n, impl, mode):
     nhv = n * h * v
     benchmark.group = f"linear_logprobs {head} N={n} {mode}"
     benchmark.extra_info.update(
-        impl=impl, mode=mode, head=head, N=n, H=h, V=v, dtype=str(DTYPE).replace("torch.", ""),
+        impl=impl, mode=mode, head=head, N=n, H=h, V=v, inputs=kind, input_stats=x["stats"],
+        dtype=str(DTYPE).replace("torch.", ""),
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         flops=FLOPS[mode] * nhv, gemm_flops=GEMM_FLOPS[mode] * nhv,
         peak_extra_MiB=None if peak is None else _sig(peak / 2**20),
@@ -270,13 +281,13 @@ def test_bench_linear_logprobs(benchmark, head, h, v, n, impl, mode):
 
 
 def cases(data: dict) -> dict:
-    """{(head, N, mode): {impl: (median ms, extra_info)}} of the timed cases of a --benchmark-json file's data."""
+    """{(head, N, inputs, mode): {impl: (median ms, extra_info)}} of the timed cases of a --benchmark-json file."""
     table: dict = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "impl" not in info or not bench.get("stats"):
             continue
-        key = (info["head"], info["N"], info["mode"])
+        key = (info["head"], info["N"], info.get("inputs", "random"), info["mode"])  # files before 12-04: random
         table.setdefault(key, {})[info["impl"]] = (bench["stats"]["median"] * 1e3, info)
     return table
 
@@ -288,10 +299,11 @@ def summarize(path: str) -> str:
     table = {key: {impl: ms for impl, (ms, _) in row.items()} for key, row in cases(data).items()}
     impls = [i for i in IMPLS if any(i in row for row in table.values())]
     lines = [
-        " | ".join(["head", "N", "mode"] + [f"{i} ms" for i in impls] + ["triton/cublas", "triton/best(liger,cce)"]),
+        " | ".join(["head", "N", "inputs", "mode"] + [f"{i} ms" for i in impls]
+                   + ["triton/cublas", "triton/best(liger,cce)"]),
     ]
-    for (head, n, mode), row in sorted(table.items()):
-        cells = [head, str(n), mode] + [f"{row[i]:.2f}" if i in row else "-" for i in impls]
+    for (head, n, kind, mode), row in sorted(table.items()):
+        cells = [head, str(n), kind, mode] + [f"{row[i]:.2f}" if i in row else "-" for i in impls]
         tri = row.get("triton")
         cells.append(f"{tri / row['cublas']:.2f}" if tri and "cublas" in row else "-")
         rivals = [row[i] for i in ("liger", "cce") if i in row]

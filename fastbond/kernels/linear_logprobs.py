@@ -308,6 +308,25 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _target_logits(x_ptr, w_ptr, b_ptr, rows, targets, live, H, stride_x, stride_w, HAS_BIAS: tl.constexpr,
+                       EVEN_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+        """z[target] = h · W[target] + b[target] per row (fp32 products of exact 16-bit upcasts); 0 where not live."""
+        offs_h = tl.arange(0, BLOCK_H)
+        x_ptrs = x_ptr + rows[:, None] * stride_x + offs_h[None, :]
+        w_ptrs = w_ptr + targets[:, None] * stride_w + offs_h[None, :]
+        z = tl.zeros((BLOCK_N,), tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            mask = live[:, None] if EVEN_H else live[:, None] & (offs_h < H - h0)[None, :]
+            x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            z += tl.sum(x * w, axis=1)
+            x_ptrs += BLOCK_H
+            w_ptrs += BLOCK_H
+        if HAS_BIAS:
+            z += tl.load(b_ptr + targets, mask=live, other=0.0).to(tl.float32)
+        return z
+
+    @triton.jit
     def _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP: tl.constexpr,
                        INTERPRETED: tl.constexpr):
         """(s, tanh(z / cap)): s = cap·tanh(z / cap) / T, or z / T without a cap — multiplies only."""
@@ -376,6 +395,8 @@ if triton is not None:
         l = tl.zeros((BLOCK_N,), tl.float32)  # Σ e^{s − m}
         a = tl.zeros((BLOCK_N,), tl.float32)  # Σ e^{s − m} (s − m)
         t_s = tl.zeros((BLOCK_N,), tl.float32)
+        # the target's column within the span, −1 outside it (a span is < 2^31 columns)
+        t_span = tl.where((tgt >= v_begin) & (tgt < v_end), tgt - v_begin, -1).to(tl.int32)
         for v0 in range(v_begin, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < v_end
@@ -384,25 +405,26 @@ if triton is not None:
                 HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRETED,
             )
             s, _ = _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP, INTERPRETED)
-            s = tl.where(col_mask[None, :], s, float("-inf"))
-            # masked columns (≥ V) hold s = −inf and must never be picked
-            hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
-            t_s += tl.sum(tl.where(hit, s, 0.0), axis=1)
+            # masked columns (≥ V) hold s = −1e30: never picked, e^{s − m} = 0, and e·(s − m) = 0 (not 0·−inf)
+            s = tl.where(col_mask[None, :], s, -1.0e30)
+            # the target's column within the tile, in 32 bits: 64-bit compares per element crowd out the tile
+            t_col = t_span - (v0 - v_begin).to(tl.int32)
+            t_s += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == t_col[:, None], s, 0.0), axis=1)
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a live column
             alpha = tl.exp(m - m_new)
-            e = tl.exp(s - m_new[:, None])
+            # one tile-sized value (s − m_new) live, not three: each reduction recomputes its exp
+            d = s - m_new[:, None]
             if ENTROPY:
-                d = tl.where(col_mask[None, :], s - m_new[:, None], 0.0)
                 # re-centre the old sum on m_new: Σ e^{s−m_new}(s−m_new) = α (a + (m − m_new) l)
-                a = alpha * (a + (m - m_new) * l) + tl.sum(e * d, axis=1)
-            l = alpha * l + tl.sum(e, axis=1)
+                a = alpha * (a + (m - m_new) * l) + tl.sum(tl.exp(d) * d, axis=1)
+            l = alpha * l + tl.sum(tl.exp(d), axis=1)
             m = m_new
 
         part = pid_s * N + rows
         tl.store(lse_part_ptr + part, m + tl.log(l), mask=row_mask)
         if ENTROPY:
             tl.store(ent_part_ptr + part, tl.log(l) - a / l, mask=row_mask)
-        owns = row_mask & (tgt >= v_begin) & (tgt < v_end)
+        owns = row_mask & (t_span >= 0)
         tl.store(tgt_ptr + rows, t_s, mask=owns)
 
     @triton.jit(do_not_specialize=["arch"])

@@ -64,13 +64,18 @@ class Tiles:
 # The forward holds an fp32 accumulator tile and the online softmax/entropy
 # state; 64 accumulator registers a thread (128×128×64 over 8 warps) spill in
 # some flag combinations, so most candidates keep 32 (128×64 over 8 warps,
-# 64×64 over 4). Removed after a full compile check found spills: forward
-# 128×128×64 on sm_90 (soft-cap + entropy without bias, 16 B), dlogits
+# 64×64 over 4). Since the forward's epilogue keeps one tile-sized value live
+# (s − m, each reduction recomputing its exp) and finds the target's column in
+# 32 bits, 128×128×64 w8 and 128×64×64 w4 compile spill-free on sm_90 and join
+# its list (the 4-warp 128×128×64 still spills 16 B: its 128 accumulator
+# registers a thread leave no room for the target's compare). Removed after a
+# full compile check found spills: dlogits
 # 128×256×64 on sm_90 (bias without soft-cap, 1,340 B), dlogits tf32x3
 # 128×64×32 on sm_90.
 T = Tiles
 LINEAR_FORWARD_TILES = {
-    (90, "16-bit"): (T(128, 64, 64, 8, 3), T(64, 64, 64, 4, 4), T(128, 128, 32, 8, 4)),
+    (90, "16-bit"): (T(128, 64, 64, 8, 3), T(64, 64, 64, 4, 4), T(128, 128, 32, 8, 4), T(128, 128, 64, 8, 3),
+                     T(128, 64, 64, 4, 3)),
     (80, "16-bit"): (T(128, 64, 64, 8, 3), T(128, 64, 64, 8, 4), T(128, 128, 32, 8, 3), T(64, 64, 64, 4, 4)),
     (90, "tf32"): (T(128, 64, 32, 8, 3), T(64, 64, 32, 4, 4), T(128, 64, 32, 4, 3)),
     (80, "tf32"): (T(128, 64, 32, 8, 3), T(128, 64, 32, 8, 4), T(64, 64, 32, 4, 4)),

@@ -71,12 +71,26 @@ def test_dry_run_writes_the_result_schema_and_prints_the_goal_table(tmp_path):
             assert f"| {dist} | — | skipped: not installed |" in proc.stdout
 
 
-def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=1200.0, speedup=1.5, copy_ratio=0.9,
-              lerp_ratio=1.2, vllm_ratio=2.0, decode_over_floor=1.5, step_s=0.5, sampling_s=0.2) -> dict:
+HEADS = {"gemma-2b": (2048, 256000), "gemma-7b": (3072, 256000), "llama3-8b": (4096, 128256)}
+
+
+def _measured(triton=10.0, liger=11.0, cce=12.0, cublas=7.0, peak=900.0, cce_peak=850.0, fwd_triton=7.0,
+              fwd_cublas=6.0, random_triton=12.5, speedup=1.5, copy_ratio=0.9, lerp_ratio=1.2, vllm_ratio=2.0,
+              decode_over_floor=1.5, step_s=0.5, sampling_s=0.2) -> dict:
     """A result as gpu_check.py writes it on a GPU, with the numbers the goals read."""
-    linear = [{"head": "gemma-2b", "N": n, "H": 2048, "V": 256000, "mode": "fwdbwd",
-               "ms": {"triton": triton, "liger": liger, "cce": cce, "cublas": cublas},
-               "peak_extra_MiB": {"triton": peak}} for n in (4096, 16384)]
+    linear = []
+    for head, (h, v) in HEADS.items():
+        for n in (4096, 16384):
+            shape = {"head": head, "N": n, "H": h, "V": v}
+            linear += [
+                {**shape, "inputs": "trained", "mode": "fwdbwd",
+                 "ms": {"triton": triton, "liger": liger, "cce": cce, "cublas": cublas},
+                 "peak_extra_MiB": {"triton": peak, "cce": cce_peak}},
+                {**shape, "inputs": "trained", "mode": "fwd", "ms": {"triton": fwd_triton, "cublas": fwd_cublas},
+                 "peak_extra_MiB": {}},
+                {**shape, "inputs": "random", "mode": "fwdbwd", "ms": {"triton": random_triton, "cce": cce},
+                 "peak_extra_MiB": {}},
+            ]
     installed = {"version": "1", "import": "ok"}
     return {
         "env": {"cuda_available": True, "packages": dict.fromkeys(gpu_check.OPTIONAL, installed)},
@@ -108,13 +122,17 @@ def _verdicts(result: dict) -> dict:
 
 def test_goals_pass_when_every_number_meets_its_goal():
     verdicts = _verdicts(_measured())
-    assert len(verdicts) == 17 and set(verdicts.values()) == {"PASS"}
+    assert len(verdicts) == 41 and set(verdicts.values()) == {"PASS"}
+    assert sum("llama3-8b" in goal for goal in verdicts) == 10  # every head at both N
 
 
 @pytest.mark.parametrize("numbers, failing", [
     ({"triton": 11.5, "cublas": 8.5}, "≤ min(Liger, CCE)"),  # slower than Liger (11 ms)
     ({"triton": 10.5, "cublas": 7.0}, "4-GEMM floor"),  # 1.5× the bare GEMMs > 1.1 × 4/3
-    ({"peak": 9000.0}, "no [N×V] buffer"),  # above a bf16 [N × 256000]: 2000 / 8000 MiB
+    ({"peak": 950.0}, "≤ CCE's + 10%"),  # 1.12× CCE's
+    ({"peak": 9000.0, "cce_peak": 9000.0}, "no [N×V] buffer"),  # above a bf16 [N × V]; CCE's too
+    ({"fwd_triton": 9.0}, "forward ≤ 1.4× one bare GEMM"),
+    ({"random_triton": 13.5}, "random inputs"),  # 1.125× CCE
     ({"speedup": 0.95}, "torch.compile"),
     ({"copy_ratio": 0.8}, "copy bandwidth"),
     ({"lerp_ratio": 0.99}, "_foreach_lerp_"),
@@ -149,11 +167,12 @@ def test_skipped_rows_say_why():
     result["env"]["packages"]["liger-kernel"] = {"version": None, "import": "not installed"}
     result["env"]["packages"]["cut-cross-entropy"] = {"version": None, "import": "not installed"}
     for row in result["benchmarks"]["linear_logprobs"]["results"]:
-        del row["ms"]["liger"], row["ms"]["cce"]
+        row["ms"].pop("liger", None)
+        row["ms"].pop("cce", None)
     result["parts"]["bench:ema"]["status"] = "timed out"
     result["benchmarks"]["ema"]["results"] = []
     rows = {row["goal"]: row for row in gpu_check.evaluate_goals(copy.deepcopy(result))}
-    rivals = rows["linear_logprobs fwd+bwd ≤ min(Liger, CCE) [gemma-2b N=16384]"]
+    rivals = rows["linear_logprobs fwd+bwd ≤ min(Liger, CCE) [gemma-2b N=16384, trained inputs]"]
     assert rivals["verdict"] == "skipped" and rivals["reason"] == "liger-kernel and cut-cross-entropy not installed"
     ema = rows["EMA ≥ 85% of copy bandwidth [gemma-2b]"]
     assert ema["verdict"] == "skipped" and ema["reason"] == "benchmark timed out"
