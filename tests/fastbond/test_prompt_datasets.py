@@ -2,6 +2,7 @@
 the prompts a .jsonl gives, splits are chosen as documented, bad rows and a missing package are one line,
 and a run reading a parquet file trains exactly as one reading the same prompts from a .jsonl."""
 
+import hashlib
 import json
 import sys
 
@@ -101,6 +102,19 @@ def test_every_format_gives_the_prompts_in_order_and_hashes_like_the_same_list(t
     assert prompts_fingerprint(prompts) == prompts_fingerprint(PROMPTS)
     with pytest.raises(IndexError):
         prompts[len(PROMPTS)]
+
+
+def test_the_fingerprint_hashed_a_slice_at_a_time_is_the_digest_checkpoints_recorded(monkeypatch):
+    """Checkpoints record sha256 of the prompts joined by "\\n\\x00": hashing a slice at a time keeps it."""
+    from fastbond import resume
+
+    assert prompts_fingerprint(["the film was", "ünï"]) == {
+        "count": 2, "sha256": "607e86b47b1b851add977f58e916c1eb942da76c6f28175289608e495c4ab9f0"}
+    monkeypatch.setattr(resume, "FINGERPRINT_SLICE", 2)
+    for count in range(6):
+        prompts = PROMPTS[:count]
+        digest = hashlib.sha256("\n\x00".join(prompts).encode("utf-8")).hexdigest()
+        assert prompts_fingerprint(prompts) == {"count": count, "sha256": digest}
 
 
 def test_the_rows_stay_in_memory_mapped_arrow_files(tmp_path):
