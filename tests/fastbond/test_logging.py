@@ -135,3 +135,18 @@ def test_a_missing_logging_package_is_one_line_naming_the_extra(monkeypatch):
             load_config(embedded_preset(), [f"logging.{package}=true"]).check(environment=True)
         assert str(raised.value) == f"logging.{package}=true needs the {package} package " \
                                     "(pip install 'fastbond[logging]')"
+
+
+def test_starting_over_deletes_the_earlier_runs_logs_and_nothing_of_the_users(tmp_path):
+    from fastbond.run_dir import MARKER, claim
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tensorboard").mkdir(parents=True)
+    (run_dir / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run_dir / MARKER).write_text("{}\n")
+    (run_dir / "notes.txt").write_text("mine")
+    said = []
+    claim(run_dir, resume=False, overwrite=True, say=said.append).release()
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "wandb").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert "tensorboard/, wandb/" in said[0]
