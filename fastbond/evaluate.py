@@ -233,7 +233,7 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     """`fastbond eval RUN_DIR`: judge RUN_DIR/policy (or `policy_path`) as the run was configured."""
     from fastbond.checkpoint import model_dir_damage
     from fastbond.config import load_config
-    from fastbond.data import resolve_prompts
+    from fastbond.data import prompts_for
     from fastbond.models import judged_models, resolve_device
     from fastbond.process import prepare_process
 
@@ -251,7 +251,7 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     device = resolve_device(config.device)
     prepare_process(config, device, config.seed)
     models = judged_models(config, policy_dir, device)
-    prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
     result = write_evaluation(run_path / EVAL_FILE, evaluate_models(models, config, prompts), config.on_nonfinite)
     print(format_evaluation(result))
     return result

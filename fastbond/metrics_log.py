@@ -1,4 +1,8 @@
-"""Where a run's metrics go: `metrics.jsonl` always, TensorBoard and wandb when asked.
+"""Where a run's metrics go: `metrics.jsonl` always, TensorBoard and wandb when asked (docs/logging.md).
+
+Each record goes to all three with the same names, steps and values:
+TensorBoard gets every finite metric as a scalar (`RUN_DIR/tensorboard/`),
+wandb the record as it is (`RUN_DIR/wandb/`).
 
 `metrics.jsonl` is appended one line per record. A crash or a full disk can
 leave its last line torn: readers skip it, and a resume drops it together
@@ -16,6 +20,9 @@ import torch
 
 from fastbond import atomic
 from fastbond.errors import FastbondError
+
+
+INSTALL = "pip install 'fastbond[logging]'"
 
 
 def to_float(value) -> float:
@@ -38,14 +45,18 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise FastbondError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                raise FastbondError(f"logging.tensorboard=true needs the tensorboard package ({INSTALL})") from None
+            # On resume, TensorBoard drops the earlier events from the checkpoint's next step on, as
+            # metrics.jsonl drops those records: they are logged again, and would show twice.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if wandb:
             try:
                 import wandb as wandb_module
             except ImportError:
-                raise FastbondError("logging.wandb=true needs the wandb package (pip install wandb)") from None
-            self._wandb = wandb_module.init(project=wandb_project, config=config_dict, dir=str(run_dir))
+                raise FastbondError(f"logging.wandb=true needs the wandb package ({INSTALL})") from None
+            self._wandb = wandb_module.init(project=wandb_project, config=config_dict, dir=str(run_dir),
+                                            name=run_dir.name)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint (they will be written again) and a torn last line."""

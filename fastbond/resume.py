@@ -10,6 +10,8 @@ one its checkpoint started.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from fastbond.config import RENAMED_KEYS
@@ -52,9 +54,23 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             if k not in IGNORED and before.get(k, missing) != after.get(k, missing)]
 
 
-def prompts_fingerprint(prompts: list[str]) -> dict[str, Any]:
-    digest = hashlib.sha256("\n\x00".join(prompts).encode("utf-8")).hexdigest()
-    return {"count": len(prompts), "sha256": digest}
+# prompts hashed per slice: a dataset's are read from disk a slice at a time, never all at once
+FINGERPRINT_SLICE = 65_536
+
+
+def prompts_fingerprint(prompts: Sequence) -> dict[str, Any]:
+    r"""Count and sha256 of the prompts joined by "\n\x00", hashed a slice at a time: the same digest as
+    hashing the joined text (what checkpoints of a list of strings have always recorded), for any sequence."""
+    digest = hashlib.sha256()
+    for start in range(0, len(prompts), FINGERPRINT_SLICE):
+        texts = "\n\x00".join(map(_prompt_text, prompts[start : start + FINGERPRINT_SLICE]))
+        digest.update((("\n\x00" if start else "") + texts).encode("utf-8"))
+    return {"count": len(prompts), "sha256": digest.hexdigest()}
+
+
+def _prompt_text(prompt) -> str:
+    # a prompt of chat messages is hashed as its JSON text
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
 def _show(value: Any) -> str:

@@ -46,7 +46,7 @@ from fastbond.checkpoint import (
     set_rng_state,
 )
 from fastbond.config import TrainConfig, to_dict
-from fastbond.data import PromptStream, check_prompt_lengths, resolve_prompts
+from fastbond.data import PromptStream, check_prompt_lengths, prompts_for
 from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
@@ -135,7 +135,7 @@ def _say(engine: Engine):
     return print if engine.main else (lambda message: None)
 
 
-def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: list[str]) -> Path | None:
+def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: dict) -> Path | None:
     """The checkpoint to continue from, checked for damage and for config changes it cannot carry."""
     if not config.checkpoint.resume:
         return None
@@ -147,7 +147,7 @@ def _resume_point(config: TrainConfig, engine: Engine, run_dir: Path, prompts: l
     saved = shared.get("config")
     if saved is None and (run_dir / "config.yaml").is_file():  # checkpoints of older versions
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    check_resume(checkpoint.name, saved, to_dict(config), shared.get("prompts"), prompts_fingerprint(prompts),
+    check_resume(checkpoint.name, saved, to_dict(config), shared.get("prompts"), prompts,
                  say=_say(engine))
     return checkpoint
 
@@ -172,9 +172,10 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
         problem = model_dir_damage(Path(config.model.policy))
         if problem:
             raise FastbondError(f"config key 'model.policy': {problem}")
-    train_prompts = resolve_prompts(config.data.prompts, "train")
-    eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
-    checkpoint = _resume_point(config, engine, run_dir, train_prompts)
+    train_prompts = prompts_for(config.data, "train")  # a dataset's stays on disk: a sequence, not a list
+    eval_prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
+    fingerprint = prompts_fingerprint(train_prompts)  # one pass over the prompts (a dataset's: from disk)
+    checkpoint = _resume_point(config, engine, run_dir, fingerprint)
 
     algorithm = make_algorithm(config.algorithm)
     models = engine.build(config, algorithm.needs_anchor, checkpoint)
@@ -193,7 +194,7 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
     # The prompt stream is the same on every rank; each takes its share of a batch.
     stream = PromptStream(train_prompts, config.rollout.batch_size, config.seed)
     run = Run(config, run_dir, engine, models, algorithm, ctx, stream, eval_prompts, lock=lock,
-              prompts=prompts_fingerprint(train_prompts))
+              prompts=fingerprint)
     if checkpoint is not None:
         restore(run, checkpoint)
     return run

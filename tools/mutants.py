@@ -1,5 +1,5 @@
-"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler and the fault handling,
-and the tests that catch them.
+"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler, the fault handling,
+the prompt datasets and the metrics logs, and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -21,6 +21,8 @@ TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fa
 RELIABILITY = ["tests/fastbond/test_reliability.py"]
 LORA = ["tests/fastbond/test_lora.py", "-k", "not reaches_the_reward"]  # the 40-step reward run aside
 ROLLOUT = ["tests/fastbond/rollout", "-m", "not slow and not vllm"]
+DATA = ["tests/fastbond/test_prompt_datasets.py", "tests/fastbond/test_data.py"]
+LOGGING = ["tests/fastbond/test_logging.py"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -109,6 +111,32 @@ MUTANTS = [
      "a full disk is a traceback", RELIABILITY),
     ("fastbond/evaluate.py", "        found.append(key)\n        return None",
      "        found.append(key)\n        return value", "eval.json keeps a NaN result", RELIABILITY),
+    ("fastbond/prompt_datasets.py", 'DEFAULT_SPLITS = {"train": ("train",), "eval": ("test", "validation")}',
+     'DEFAULT_SPLITS = {"train": ("train",), "eval": ("train", "test", "validation")}',
+     "the evaluation reads a dataset's training split", DATA),
+    ("fastbond/prompt_datasets.py", '(_first(pc.is_null(column)), "is missing"), (_first(blank), "is empty")',
+     '(_first(pc.is_null(column)), "is missing")', "an empty prompt in a dataset passes", DATA),
+    ("fastbond/prompt_datasets.py", "return self._rows[index % len(self)][self.field]",
+     "return self._rows[(index + 1) % len(self)][self.field]", "a dataset's rows are read one off", DATA),
+    ("fastbond/prompt_datasets.py", 'if not (pa.types.is_list(kind) or pa.types.is_large_list(kind))',
+     'if not pa.types.is_large_list(kind)', "chat messages in a dataset are refused", DATA),
+    ("fastbond/data.py", 'order = array("q", range(len(self.prompts)))',
+     'order = array("q", range(len(self.prompts)))[::-1]',
+     "the prompt order differs from the one earlier checkpoints index", DATA),
+    ("fastbond/data.py", "    if is_dataset(path):\n        return open_prompts(",
+     "    if False:\n        return open_prompts(", "a dataset is read as a text prompt file", DATA),
+    ("fastbond/data.py", "rows = sorted(random.Random(0).sample(rows, FULL_LENGTH_CHECK))", "pass",
+     "start-up tokenizes every prompt of a huge set", DATA),
+    ("fastbond/resume.py", 'digest.update((("\\n\\x00" if start else "") + texts).encode("utf-8"))',
+     'digest.update(texts.encode("utf-8"))', "the fingerprint drops the separator between slices", DATA),
+    ("fastbond/metrics_log.py", "self._tb.add_scalar(key, value, step)",
+     'self._tb.add_scalar("kl" if key == "kl_ref" else key, value, step)',
+     "TensorBoard logs kl_ref under another name", LOGGING),
+    ("fastbond/metrics_log.py", "self._wandb.log(record, step=step)",
+     'self._wandb.log({("kl" if k == "kl_ref" else k): v for k, v in record.items()}, step=step)',
+     "wandb logs kl_ref under another name", LOGGING),
+    ("fastbond/metrics_log.py", 'purge_step=purge)', 'purge_step=None)',
+     "a resumed run shows the steps after its checkpoint twice in TensorBoard", LOGGING),
 ]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from fastbond.algorithms.sections import AlgorithmSection, JBondSection
 from fastbond.checks import at_least, finite, one_of, positive, require
 from fastbond.embedded import EMBEDDED
+from fastbond.prompt_datasets import is_dataset, missing_package
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENGINES = ("auto", "torch", "deepspeed")
@@ -130,17 +131,33 @@ class RewardConfig:
             require(":" in self.name, f"config key 'reward.name' must look like module:function, got '{self.name}'")
 
 
+def dataset_reader(key: str, value: str) -> None:
+    """A dataset path needs the optional `datasets` package: said before anything loads."""
+    if value != EMBEDDED and is_dataset(value):
+        require(importlib.util.find_spec("datasets") is not None, missing_package(key, value))
+
+
 @dataclass
 class DataConfig:
-    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} a line) or .txt (a prompt a line) file
+    """Prompt files, or datasets read through `datasets` (pip install 'fastbond[datasets]'): a .parquet,
+    .arrow, .csv or .json file, a folder of them, or a `save_to_disk` directory. A dataset's rows stay on
+    disk, memory-mapped; see docs/datasets.md."""
+
+    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} a line) or .txt (a prompt a line) file, or a dataset
     eval_prompts: str = EMBEDDED  # held-out prompts for the evaluation, same formats
     max_prompt_tokens: int = 64  # a longer prompt is an error naming its file and line
+    prompt_field: str = "prompt"  # a dataset's column holding the prompts: text, or chat messages [{role, content}]
+    prompts_split: str = "auto"  # data.prompts' split, where it is a dataset; auto: its only split, else train
+    eval_prompts_split: str = "auto"  # data.eval_prompts' split; auto: its only split, else test, else validation
 
     def check(self, environment: bool) -> None:
         positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        require(bool(self.prompt_field), "config key 'data.prompt_field' must name a dataset column, got ''")
         if environment:
             existing_path("data.prompts", self.prompts)
             existing_path("data.eval_prompts", self.eval_prompts)
+            dataset_reader("data.prompts", self.prompts)
+            dataset_reader("data.eval_prompts", self.eval_prompts)
 
 
 @dataclass
@@ -287,6 +304,10 @@ class LoggingConfig:
 
     def check(self, environment: bool) -> None:
         positive("logging.every", self.every)
+        if environment:
+            for package, wanted in (("tensorboard", self.tensorboard), ("wandb", self.wandb)):
+                require(not wanted or importlib.util.find_spec(package) is not None,
+                        f"logging.{package}=true needs the {package} package (pip install 'fastbond[logging]')")
 
 
 @dataclass

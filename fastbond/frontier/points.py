@@ -81,9 +81,9 @@ class Judge:
 
 def load_judge(config: TrainConfig) -> Judge:
     """The judge of `config`'s held-out prompts; its models load when first used."""
-    from fastbond.data import resolve_prompts
+    from fastbond.data import prompts_for
 
-    prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
     if len(prompts) < 2:
         raise FastbondError(f"the frontier judges on at least 2 held-out prompts (its intervals are over prompts); "
                             f"data.eval_prompts and evaluation.max_prompts give {len(prompts)}")
