@@ -53,6 +53,8 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 
 def prompts_fingerprint(prompts: list[str]) -> dict[str, Any]:
+    """The training prompts as the policy sees them: rendered chat prompts by their rendered text (a
+    change of template or of data.chat_template changes what is trained), plain prompts as written."""
     digest = hashlib.sha256("\n\x00".join(prompts).encode("utf-8")).hexdigest()
     return {"count": len(prompts), "sha256": digest}
 
@@ -67,7 +69,8 @@ def check_resume(checkpoint_name: str, old: dict | None, new: dict, saved_prompt
     if saved_prompts is not None and saved_prompts != prompts:
         raise FastbondError(
             f"cannot resume from {checkpoint_name}: data.prompts holds other prompts than when it was saved "
-            f"({saved_prompts['count']} then, {prompts['count']} now) and {PROMPTS_REFUSED}; "
+            f"({saved_prompts['count']} then, {prompts['count']} now, compared as rendered by data.chat_template) "
+            f"and {PROMPTS_REFUSED}; "
             "resume with the same prompts, or start a new run")
     if old is None:
         say(f"resuming from {checkpoint_name}, which records no config: changes to the config are not checked")

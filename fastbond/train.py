@@ -37,6 +37,7 @@ import yaml
 from fastbond import atomic
 from fastbond.algorithms import make_algorithm
 from fastbond.algorithms.base import Algorithm, Context
+from fastbond.chat import render_prompts
 from fastbond.checkpoint import (
     checkpoint_shared,
     latest_checkpoint,
@@ -51,6 +52,7 @@ from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
 from fastbond.metrics_log import MetricsLog, read_metrics
+from fastbond.models import load_tokenizer, model_sources
 from fastbond.process import prepare_process
 from fastbond.resume import check_resume, prompts_fingerprint
 from fastbond.rollout import Prompts, combine_keys, encode_prompts
@@ -172,8 +174,14 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
         problem = model_dir_damage(Path(config.model.policy))
         if problem:
             raise FastbondError(f"config key 'model.policy': {problem}")
-    train_prompts = resolve_prompts(config.data.prompts, "train")
-    eval_prompts = resolve_prompts(config.data.eval_prompts, "eval")[: config.evaluation.max_prompts]
+    # The prompts as the policy sees them (rendered by its chat template, data.chat_template) before the
+    # resume check, which compares them as rendered; the engine loads its own copy of this tokenizer.
+    tokenizer = load_tokenizer(model_sources(config)[0], config.model.trust_remote_code)
+    data = config.data
+    train_prompts = render_prompts(resolve_prompts(data.prompts, "train"), tokenizer, data.chat_template,
+                                   f"data.prompts ({data.prompts})")
+    eval_prompts = render_prompts(resolve_prompts(data.eval_prompts, "eval")[: config.evaluation.max_prompts],
+                                  tokenizer, data.chat_template, f"data.eval_prompts ({data.eval_prompts})")
     checkpoint = _resume_point(config, engine, run_dir, train_prompts)
 
     algorithm = make_algorithm(config.algorithm)

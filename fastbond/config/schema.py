@@ -132,12 +132,16 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} a line) or .txt (a prompt a line) file
+    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} or {"messages": [...]} a line) or .txt (a prompt a line) file
     eval_prompts: str = EMBEDDED  # held-out prompts for the evaluation, same formats
-    max_prompt_tokens: int = 64  # a longer prompt is an error naming its file and line
+    max_prompt_tokens: int = 64  # a longer prompt (counted as rendered) is an error naming its file and line
+    # Each prompt rendered by the policy tokenizer's template, with the generation prompt (docs/prompts.md).
+    chat_template: bool | str = "auto"  # auto: if the policy tokenizer has a chat template; true: always; false: never
 
     def check(self, environment: bool) -> None:
         positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        require(self.chat_template in ("auto", True, False),
+                f"config key 'data.chat_template' must be one of auto, true, false; got {self.chat_template!r}")
         if environment:
             existing_path("data.prompts", self.prompts)
             existing_path("data.eval_prompts", self.eval_prompts)

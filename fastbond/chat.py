@@ -1,0 +1,94 @@
+"""Conversational prompts: chat messages rendered once, when the prompts load, through the policy's chat template.
+
+A prompt is a string or a list of chat messages (`{"role": ..., "content": ...}`, TRL's conversational
+format). Config `data.chat_template` says whether prompts go through the policy tokenizer's template:
+`auto` when the tokenizer has one, `true` always (a tokenizer without one is an error), `false` never.
+Rendered, a prompt is `apply_chat_template(messages, add_generation_prompt=True)` as text, a plain string
+being one user turn. It becomes a `RenderedPrompt`: a `str`, so the prompt stream, the samplers, the
+rewards and the evaluation pass it on as they pass any prompt, that also carries the messages it came
+from, for a reward model that applies its own template to them.
+
+A rendered prompt is complete: its template wrote every special token it needs (BOS, turn markers), so
+it is tokenized without adding any (`prompt_token_ids`), and its ids are exactly those of
+`apply_chat_template(messages, add_generation_prompt=True)`. A plain prompt is tokenized as before, with
+the tokenizer's special tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastbond.errors import FastbondError
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+# A prompt as read from a file: a string, or a list of chat messages.
+RawPrompt = str | list
+
+
+class RenderedPrompt(str):
+    """The text a chat template made of `messages` (generation prompt included), with the messages kept."""
+
+    messages: tuple[Message, ...]
+
+    def __new__(cls, text: str, messages: Sequence[Message]):
+        prompt = super().__new__(cls, text)
+        prompt.messages = tuple(dict(message) for message in messages)
+        return prompt
+
+    def __getnewargs__(self):  # copies and pickles keep the messages
+        return str(self), self.messages
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def conversation(prompt: str) -> list[Message]:
+    """The messages of a prompt: a rendered prompt's own, or a plain prompt as one user turn."""
+    if isinstance(prompt, RenderedPrompt):
+        return [dict(message) for message in prompt.messages]
+    return [{"role": "user", "content": str(prompt)}]
+
+
+def render_prompts(prompts: Sequence[RawPrompt], tokenizer, setting: str | bool, source: str) -> list[str]:
+    """The prompts as the policy sees them under `data.chat_template=setting`: each rendered through the
+    tokenizer's template (a `RenderedPrompt`), or the plain strings untouched. `source` names the prompts
+    in errors ("data.prompts (path)")."""
+    templated = has_chat_template(tokenizer)
+    if setting is True and not templated:
+        raise FastbondError(f"data.chat_template=true, but the policy's tokenizer has no chat template "
+                            f"(to render {source}); set data.chat_template=false to use the prompts as written")
+    if setting is False or not templated:
+        for number, prompt in enumerate(prompts, start=1):
+            if not isinstance(prompt, str):
+                why = ("data.chat_template=false" if setting is False else
+                       "the policy's tokenizer has no chat template (data.chat_template=auto)")
+                raise FastbondError(f"{source}: prompt {number} is a list of chat messages, but {why}; "
+                                    "give the tokenizer a chat template or write the prompts as plain strings")
+        return list(prompts)
+    return [_render(tokenizer, prompt, source, number) for number, prompt in enumerate(prompts, start=1)]
+
+
+def _render(tokenizer, prompt: RawPrompt, source: str, number: int) -> RenderedPrompt:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # the template's own complaint (jinja's raise_exception), about the user's data
+        lines = str(error).strip().splitlines()
+        raise FastbondError(f"{source}: the policy's chat template refused prompt {number} "
+                            f"({type(error).__name__}: {lines[0] if lines else ''}); "
+                            "set data.chat_template=false to use the prompts as written") from None
+    return RenderedPrompt(text, messages)
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt's token ids, unpadded: a rendered prompt exactly as its template wrote it (no special
+    tokens added: BOS is already in its text), a plain one with the tokenizer's special tokens."""
+    ids: list[list[int]] = [[] for _ in prompts]
+    for rendered in (True, False):
+        rows = [i for i, prompt in enumerate(prompts) if isinstance(prompt, RenderedPrompt) == rendered]
+        if rows:
+            encoded = tokenizer([str(prompts[i]) for i in rows], add_special_tokens=not rendered)["input_ids"]
+            for row, row_ids in zip(rows, encoded):
+                ids[row] = list(row_ids)
+    return ids
