@@ -300,3 +300,12 @@ def test_a_resume_that_renders_the_prompts_otherwise_is_refused(tmp_path, chat_m
                                             "data.chat_template"):
         train(chat_run_config(tmp_path / "run", chat_model, prompts, "steps=2", "evaluation.at_end=false",
                               "checkpoint.resume=true", "data.chat_template=false"))
+
+
+def test_the_frontier_judges_the_rendered_prompts(tmp_path, chat_model, tokenizer):
+    from fastbond.frontier.points import load_judge
+
+    raw = write_chat_prompts(tmp_path / "chat.jsonl", 6)
+    judge = load_judge(chat_run_config(tmp_path / "run", chat_model, tmp_path / "chat.jsonl"))
+    assert judge.prompts == render_prompts(raw[:4], tokenizer, "auto", "x")
+    assert all(isinstance(prompt, RenderedPrompt) for prompt in judge.prompts)
