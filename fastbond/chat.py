@@ -4,9 +4,9 @@ A prompt is a string or a list of chat messages (`{"role": ..., "content": ...}`
 format). Config `data.chat_template` says whether prompts go through the policy tokenizer's template:
 `auto` when the tokenizer has one, `true` always (a tokenizer without one is an error), `false` never.
 Rendered, a prompt is `apply_chat_template(messages, add_generation_prompt=True)` as text, a plain string
-being one user turn. It becomes a `RenderedPrompt`: a `str`, so the prompt stream, the samplers, the
-rewards and the evaluation pass it on as they pass any prompt, that also carries the messages it came
-from, for a reward model that applies its own template to them.
+being one user turn. The result is a `RenderedPrompt`, a `str` that also carries the messages it came
+from: the prompt stream, the samplers, the rewards and the evaluation pass it on as they pass any
+prompt, and a reward model with a template of its own reads the messages instead.
 
 A rendered prompt is complete: its template wrote every special token it needs (BOS, turn markers), so
 it is tokenized without adding any (`prompt_token_ids`), and its ids are exactly those of
@@ -76,8 +76,8 @@ def _render(tokenizer, prompt: RawPrompt, source: str, number: int) -> RenderedP
     except Exception as error:  # the template's own complaint (jinja's raise_exception), about the user's data
         lines = str(error).strip().splitlines()
         raise FastbondError(f"{source}: the policy's chat template refused prompt {number} "
-                            f"({type(error).__name__}: {lines[0] if lines else ''}); "
-                            "set data.chat_template=false to use the prompts as written") from None
+                            f"({type(error).__name__}: {lines[0] if lines else ''}); the template decides which "
+                            "roles and turn orders it takes (data.chat_template)") from None
     return RenderedPrompt(text, messages)
 
 
