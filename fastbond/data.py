@@ -1,10 +1,13 @@
 """Prompt files and the deterministic, resumable order in which a run reads them.
 
-A prompt file is either `.jsonl` (one JSON object a line with a "prompt"
-string) or plain text (one prompt a line). Blank lines are skipped; anything
-else malformed is an error naming the file and line. A dataset (a parquet,
-arrow, csv or json file, a folder, a `save_to_disk` directory) is read by
+A prompt file is either `.jsonl` (one JSON object a line: a "prompt" string,
+or "messages", a list of chat messages as in TRL's conversational format) or
+plain text (one prompt a line). Blank lines are skipped; anything else
+malformed is an error naming the file and line. A dataset (a parquet, arrow,
+csv or json file, a folder, a `save_to_disk` directory) is read by
 fastbond/prompt_datasets.py, as a sequence that is never a list in memory.
+Chat messages are rendered through the policy's chat template once the
+tokenizer is loaded (`fastbond.chat`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastbond.chat import RawPrompt, prompt_token_ids
 from fastbond.errors import FastbondError
 from fastbond.prompt_datasets import is_dataset, open_prompts
 
+CHAT_ROLES = ("system", "user", "assistant")
 
-def read_prompts(path: str | Path) -> list[str]:
+
+def read_prompts(path: str | Path) -> list[RawPrompt]:
     path = Path(path)
     if path.is_dir():
         raise FastbondError(f"prompt file {path} is a directory, not a file")
@@ -49,17 +55,38 @@ def _decode_line(path: Path, number: int, raw: bytes) -> str:
         raise FastbondError(f"{path} line {number}: not valid UTF-8 (byte {bad:#04x})") from None
 
 
-def _parse_jsonl_line(path: Path, number: int, line: str) -> str:
+def _parse_jsonl_line(path: Path, number: int, line: str) -> RawPrompt:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise FastbondError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-    if not isinstance(record, dict) or "prompt" not in record:
-        raise FastbondError(f"{path} line {number}: expected an object with a \"prompt\" key")
+    if not isinstance(record, dict) or ("prompt" not in record and "messages" not in record):
+        raise FastbondError(f"{path} line {number}: expected an object with a \"prompt\" or a \"messages\" key")
+    if "prompt" in record and "messages" in record:
+        raise FastbondError(f"{path} line {number}: both \"prompt\" and \"messages\"; a prompt is one or the other")
+    if "messages" in record:
+        return _parse_messages(path, number, record["messages"])
     prompt = record["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise FastbondError(f"{path} line {number}: \"prompt\" must be a non-empty string")
     return prompt
+
+
+def _parse_messages(path: Path, number: int, messages: object) -> list[dict]:
+    """A chat prompt: messages with a role and string content, ending on the user's turn the response answers."""
+    where = f"{path} line {number}"
+    if not isinstance(messages, list) or not messages:
+        raise FastbondError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise FastbondError(f"{where}: messages[{index}] must be an object whose \"role\" is one of "
+                                f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise FastbondError(f"{where}: messages[{index}] must have a string \"content\"")
+    if messages[-1]["role"] != "user":
+        raise FastbondError(f"{where}: the last message must be the user's (the response answers it), "
+                            f"not the {messages[-1]['role']}'s")
+    return [dict(message) for message in messages]
 
 
 class PromptStream:
@@ -104,7 +131,8 @@ class PromptStream:
 
 def resolve_prompts(path: str, split: str, field: str = "prompt", dataset_split: str = "auto") -> Sequence:
     """The prompts of config `data.prompts` (split "train") / `data.eval_prompts` (split "eval"): the
-    embedded world's split, a prompt file, or a dataset's column `field` (of its split `dataset_split`)."""
+    embedded world's split, a prompt file, or a dataset's column `field` (of its split `dataset_split`).
+    Not yet rendered: `fastbond.chat.render_prompts` makes them what the policy sees."""
     from fastbond.embedded import EMBEDDED
 
     if path == EMBEDDED:
@@ -133,14 +161,14 @@ FULL_LENGTH_CHECK = 100_000
 
 def check_prompt_lengths(tokenizer, prompts: Sequence, limit: int, source: str) -> None:
     """Every prompt within data.max_prompt_tokens (a sample of a set over FULL_LENGTH_CHECK), checked
-    before the first step."""
+    before the first step; a rendered chat prompt counts as rendered (its template's tokens included)."""
     rows = range(len(prompts))
     if len(rows) > FULL_LENGTH_CHECK:
         rows = sorted(random.Random(0).sample(rows, FULL_LENGTH_CHECK))
     for start in range(0, len(rows), 512):
         chunk = rows[start : start + 512]
         texts = prompts[chunk.start : chunk.stop] if isinstance(chunk, range) else [prompts[i] for i in chunk]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, texts)]
         for row, length in zip(chunk, lengths):
             if length > limit:
                 raise FastbondError(

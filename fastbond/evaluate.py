@@ -231,6 +231,7 @@ def evaluate_models(models, config, prompts: list[str]) -> dict:
 
 def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = None) -> dict:
     """`fastbond eval RUN_DIR`: judge RUN_DIR/policy (or `policy_path`) as the run was configured."""
+    from fastbond.chat import render_prompts
     from fastbond.checkpoint import model_dir_damage
     from fastbond.config import load_config
     from fastbond.data import prompts_for
@@ -251,7 +252,9 @@ def evaluate_run(run_dir: str, overrides: list[str], policy_path: str | None = N
     device = resolve_device(config.device)
     prepare_process(config, device, config.seed)
     models = judged_models(config, policy_dir, device)
-    prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
+    data = config.data
+    prompts = render_prompts(prompts_for(data, "eval")[: config.evaluation.max_prompts], models.tokenizer,
+                             data.chat_template, f"data.eval_prompts ({data.eval_prompts})")
     result = write_evaluation(run_path / EVAL_FILE, evaluate_models(models, config, prompts), config.on_nonfinite)
     print(format_evaluation(result))
     return result

@@ -58,14 +58,20 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 FINGERPRINT_SLICE = 65_536
 
 
-def prompts_fingerprint(prompts: Sequence) -> dict[str, Any]:
-    r"""Count and sha256 of the prompts joined by "\n\x00", hashed a slice at a time: the same digest as
-    hashing the joined text (what checkpoints of a list of strings have always recorded), for any sequence."""
+def prompts_fingerprint(prompts: Sequence, template: str | None = None) -> dict[str, Any]:
+    r"""Count and sha256 of the prompts as written, joined by "\n\x00", hashed a slice at a time: the same
+    digest as hashing the joined text (what checkpoints of a list of strings have always recorded), for any
+    sequence. With the chat template the prompts are rendered with (`fastbond.chat.template_in_use`), its
+    sha256 too: the rendered prompts are a function of both, so a change of template or of
+    data.chat_template changes what is trained, and plain runs keep the digest they always had."""
     digest = hashlib.sha256()
     for start in range(0, len(prompts), FINGERPRINT_SLICE):
         texts = "\n\x00".join(map(_prompt_text, prompts[start : start + FINGERPRINT_SLICE]))
         digest.update((("\n\x00" if start else "") + texts).encode("utf-8"))
-    return {"count": len(prompts), "sha256": digest.hexdigest()}
+    fingerprint = {"count": len(prompts), "sha256": digest.hexdigest()}
+    if template is not None:
+        fingerprint["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
+    return fingerprint
 
 
 def _prompt_text(prompt) -> str:
@@ -83,7 +89,8 @@ def check_resume(checkpoint_name: str, old: dict | None, new: dict, saved_prompt
     if saved_prompts is not None and saved_prompts != prompts:
         raise FastbondError(
             f"cannot resume from {checkpoint_name}: data.prompts holds other prompts than when it was saved "
-            f"({saved_prompts['count']} then, {prompts['count']} now) and {PROMPTS_REFUSED}; "
+            f"({saved_prompts['count']} then, {prompts['count']} now, compared as rendered by data.chat_template) "
+            f"and {PROMPTS_REFUSED}; "
             "resume with the same prompts, or start a new run")
     if old is None:
         say(f"resuming from {checkpoint_name}, which records no config: changes to the config are not checked")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from fastbond.chat import conversation
 from fastbond.errors import FastbondError, UserCodeError
 
 __all__ = [
@@ -216,8 +217,10 @@ def _check_vocabulary(path: str, tokenizer, model, borrowed: bool) -> None:
 class _ModelScorer:
     """Scores with a sequence-classification reward model: logits[:, 0], batched, no grad.
 
-    With a chat template, the text is the two-turn chat (user = prompt,
-    assistant = response); without one, it is prompt + response as written.
+    With a chat template, the text is the chat the prompt came from (a
+    rendered chat prompt's messages, or a plain prompt as the user's turn)
+    followed by the response as the assistant's turn, in the reward model's
+    own template; without one, it is prompt + response as the policy saw them.
     """
 
     def __init__(
@@ -259,7 +262,7 @@ class _ModelScorer:
 
     def _text(self, prompt: str, response: str) -> str:
         if self.templated:
-            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            chat = conversation(prompt) + [{"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(chat, tokenize=False)
         return prompt + response
 

@@ -37,6 +37,7 @@ import yaml
 from fastbond import atomic
 from fastbond.algorithms import make_algorithm
 from fastbond.algorithms.base import Algorithm, Context
+from fastbond.chat import render_prompts, template_in_use
 from fastbond.checkpoint import (
     checkpoint_shared,
     latest_checkpoint,
@@ -51,6 +52,7 @@ from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, StepFailed
 from fastbond.metrics_log import MetricsLog, read_metrics
+from fastbond.models import load_tokenizer, model_sources
 from fastbond.process import prepare_process
 from fastbond.resume import check_resume, prompts_fingerprint
 from fastbond.rollout import Prompts, combine_keys, encode_prompts
@@ -172,9 +174,16 @@ def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock 
         problem = model_dir_damage(Path(config.model.policy))
         if problem:
             raise FastbondError(f"config key 'model.policy': {problem}")
-    train_prompts = prompts_for(config.data, "train")  # a dataset's stays on disk: a sequence, not a list
-    eval_prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
-    fingerprint = prompts_fingerprint(train_prompts)  # one pass over the prompts (a dataset's: from disk)
+    # The prompts as the policy sees them (rendered by its chat template, data.chat_template); the engine
+    # loads its own copy of this tokenizer. A dataset's stay on disk: sequences, rendered when read.
+    tokenizer = load_tokenizer(model_sources(config)[0], config.model.trust_remote_code)
+    data = config.data
+    raw_train = prompts_for(data, "train")
+    train_prompts = render_prompts(raw_train, tokenizer, data.chat_template, f"data.prompts ({data.prompts})")
+    eval_prompts = render_prompts(prompts_for(data, "eval")[: config.evaluation.max_prompts], tokenizer,
+                                  data.chat_template, f"data.eval_prompts ({data.eval_prompts})")
+    # one pass over the prompts as written (a dataset's: from disk), with the template that renders them
+    fingerprint = prompts_fingerprint(raw_train, template_in_use(tokenizer, data.chat_template))
     checkpoint = _resume_point(config, engine, run_dir, fingerprint)
 
     algorithm = make_algorithm(config.algorithm)

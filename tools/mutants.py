@@ -1,5 +1,5 @@
 """Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler, the fault handling,
-the prompt datasets and the metrics logs, and the tests that catch them.
+the prompt datasets, chat prompts and the metrics logs, and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -23,6 +23,7 @@ LORA = ["tests/fastbond/test_lora.py", "-k", "not reaches_the_reward"]  # the 40
 ROLLOUT = ["tests/fastbond/rollout", "-m", "not slow and not vllm"]
 DATA = ["tests/fastbond/test_prompt_datasets.py", "tests/fastbond/test_data.py"]
 LOGGING = ["tests/fastbond/test_logging.py"]
+CHAT = ["tests/fastbond/test_chat.py"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -94,6 +95,13 @@ MUTANTS = [
      "the sampling copy keeps the policy's weights from before the update", ROLLOUT),
     ("fastbond/rollout/keyed.py", "    return (x * constant) & _MASK32", "    return (x * constant) & 0x7FFFFFFF",
      "the keyed hash drops a bit of its products", ROLLOUT),
+    # chat prompts (docs/prompts.md)
+    ("fastbond/chat.py", "tokenize=False, add_generation_prompt=True)", "tokenize=False, add_generation_prompt=False)",
+     "chat prompts are rendered without the generation prompt", CHAT),
+    ("fastbond/chat.py", "add_special_tokens=not rendered", "add_special_tokens=True",
+     "a rendered chat prompt gets a second BOS", CHAT),
+    ("fastbond/rewards.py", "chat = conversation(prompt) + [", "chat = [{'role': 'user', 'content': prompt}] + [",
+     "the reward model reads the policy's rendering as one user turn, not the messages", CHAT),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),

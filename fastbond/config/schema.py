@@ -141,18 +141,23 @@ def dataset_reader(key: str, value: str) -> None:
 class DataConfig:
     """Prompt files, or datasets read through `datasets` (pip install 'fastbond[datasets]'): a .parquet,
     .arrow, .csv or .json file, a folder of them, or a `save_to_disk` directory. A dataset's rows stay on
-    disk, memory-mapped; see docs/datasets.md."""
+    disk, memory-mapped; see docs/datasets.md. Prompts are text or chat messages (docs/prompts.md)."""
 
-    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} a line) or .txt (a prompt a line) file, or a dataset
+    # a .jsonl ({"prompt": ...} or {"messages": [...]} a line) or .txt (a prompt a line) file, or a dataset
+    prompts: str = EMBEDDED
     eval_prompts: str = EMBEDDED  # held-out prompts for the evaluation, same formats
-    max_prompt_tokens: int = 64  # a longer prompt is an error naming its file and line
+    max_prompt_tokens: int = 64  # a longer prompt (counted as rendered) is an error naming its file and line
     prompt_field: str = "prompt"  # a dataset's column holding the prompts: text, or chat messages [{role, content}]
     prompts_split: str = "auto"  # data.prompts' split, where it is a dataset; auto: its only split, else train
     eval_prompts_split: str = "auto"  # data.eval_prompts' split; auto: its only split, else test, else validation
+    # Each prompt rendered by the policy tokenizer's template, with the generation prompt (docs/prompts.md).
+    chat_template: bool | str = "auto"  # auto: if the policy tokenizer has a chat template; true: always; false: never
 
     def check(self, environment: bool) -> None:
         positive("data.max_prompt_tokens", self.max_prompt_tokens)
         require(bool(self.prompt_field), "config key 'data.prompt_field' must name a dataset column, got ''")
+        require(self.chat_template in ("auto", True, False),
+                f"config key 'data.chat_template' must be one of auto, true, false; got {self.chat_template!r}")
         if environment:
             existing_path("data.prompts", self.prompts)
             existing_path("data.eval_prompts", self.eval_prompts)

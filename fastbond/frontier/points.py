@@ -80,13 +80,19 @@ class Judge:
 
 
 def load_judge(config: TrainConfig) -> Judge:
-    """The judge of `config`'s held-out prompts; its models load when first used."""
+    """The judge of `config`'s held-out prompts, rendered as the runs render them (data.chat_template);
+    its models load when first used."""
+    from fastbond.chat import render_prompts
     from fastbond.data import prompts_for
+    from fastbond.models import load_tokenizer, model_sources
 
-    prompts = prompts_for(config.data, "eval")[: config.evaluation.max_prompts]
+    data = config.data
+    prompts = prompts_for(data, "eval")[: config.evaluation.max_prompts]
     if len(prompts) < 2:
         raise FastbondError(f"the frontier judges on at least 2 held-out prompts (its intervals are over prompts); "
                             f"data.eval_prompts and evaluation.max_prompts give {len(prompts)}")
+    tokenizer = load_tokenizer(model_sources(config)[0], config.model.trust_remote_code)
+    prompts = render_prompts(prompts, tokenizer, data.chat_template, f"data.eval_prompts ({data.eval_prompts})")
     return Judge(config, prompts)
 
 

@@ -5,22 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastbond.chat import prompt_token_ids
 from fastbond.errors import FastbondError
 from fastbond.rollout.samples import Samples
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device: torch.device):
-    """Left-padded prompt ids and mask; a prompt over the limit is an error naming it."""
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    lengths = encoded["attention_mask"].sum(-1)
-    too_long = (lengths > max_prompt_tokens).nonzero().flatten().tolist()
+    """Padded prompt ids and mask (on the tokenizer's padding side, left for generation); a prompt over the
+    limit is an error naming it. A rendered chat prompt is encoded as its template wrote it (`fastbond.chat`)."""
+    rows = prompt_token_ids(tokenizer, prompts)
+    lengths = [len(row) for row in rows]
+    too_long = [i for i, length in enumerate(lengths) if length > max_prompt_tokens]
     if too_long:
         i = too_long[0]
         raise FastbondError(
-            f"prompt {i} has {int(lengths[i])} tokens, over data.max_prompt_tokens={max_prompt_tokens}: "
+            f"prompt {i} has {lengths[i]} tokens, over data.max_prompt_tokens={max_prompt_tokens}: "
             f"{prompts[i][:60]!r}"
         )
-    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    width = max(lengths, default=0)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        place = slice(width - len(row), width) if tokenizer.padding_side == "left" else slice(0, len(row))
+        ids[i, place] = torch.tensor(row, dtype=torch.long)
+        mask[i, place] = 1
+    return ids.to(device), mask.to(device)
 
 
 def response_mask_from(responses: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -87,6 +87,12 @@ def check_runnable(model_dir: str | Path, device: torch.device) -> None:
             f"{model_dir}); it supports {', '.join(map(str, CPU_HEAD_SIZES))}: use rollout.backend=generate")
 
 
+def request_token_ids(prompts: Prompts) -> list[list[int]]:
+    """Each row's prompt ids as the trainer encoded them (padding dropped): vLLM samples from exactly the
+    tokens the log-probs are computed on, a rendered chat prompt included, and never tokenizes text itself."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]
+
+
 def _rng_state() -> tuple:
     """The trainer's generators (torch, CUDA, Python: what checkpoints save) and NumPy's, which vLLM reseeds too."""
     import numpy as np
@@ -229,8 +235,7 @@ class VLLMRunner:
              seeds: list[int], eos_ids: list[int]) -> tuple[Samples, torch.Tensor]:
         """One response per prompt row from `model`'s current weights, and vLLM's log-prob [B, T] of each
         sampled token (0 past the response), laid out as `fastbond.rollout.sample` lays out `generate`'s."""
-        requests = [self._vllm.inputs.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
-                    for ids, mask in zip(prompts.ids.cpu(), prompts.mask.cpu())]
+        requests = [self._vllm.inputs.TokensPrompt(prompt_token_ids=ids) for ids in request_token_ids(prompts)]
         rng = _rng_state()  # vLLM's sampler draws from the global generator too, seeds or not
         try:
             with self._awake():

@@ -35,6 +35,12 @@ def test_round_trip_through_dict(tmp_path):
     assert load_config(path) == config
 
 
+def test_chat_template_takes_auto_true_false():
+    assert load_config().data.chat_template == "auto"
+    assert load_config(None, ["data.chat_template=true"]).data.chat_template is True
+    assert load_config(None, ["data.chat_template=false"]).data.chat_template is False
+
+
 def test_integer_accepted_for_float_but_not_the_reverse():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
     with pytest.raises(FastbondError, match="'steps' must be int"):
@@ -70,6 +76,8 @@ def test_integer_accepted_for_float_but_not_the_reverse():
         (["optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
         (["model.dtype=fp8"], "'model.dtype' must be one of"),
         (["rollout.noise=gumbel"], "'rollout.noise' must be one of"),
+        (["data.chat_template=always"], "'data.chat_template' must be one of auto, true, false; got 'always'"),
+        (["data.chat_template=1"], "config key 'data.chat_template' must be"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -1,4 +1,6 @@
-"""Prompt files (errors name file and line) and the resumable prompt order."""
+"""Prompt files, plain and chat (errors name file and line), and the resumable prompt order."""
+
+import json
 
 import pytest
 
@@ -10,6 +12,11 @@ def test_reads_jsonl_and_text(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a b"}\n\n{"prompt": "c", "id": 3}\n')
     assert read_prompts(jsonl) == ["a b", "c"]
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "the plot ?"}]
+    chat.write_text(json.dumps({"messages": turns, "id": 1}) + '\n{"prompt": "plain"}\n')
+    assert read_prompts(chat) == [turns, "plain"]
     text = tmp_path / "p.txt"
     text.write_text("first prompt\nsecond\n")
     assert read_prompts(text) == ["first prompt", "second"]
@@ -21,10 +28,23 @@ def test_reads_jsonl_and_text(tmp_path):
         ("", "holds no prompts"),
         ("\n\n", "holds no prompts"),
         ('{"prompt": "ok"}\n{"prompt": oops}\n', "line 2: not valid JSON"),
-        ('{"prompt": "ok"}\n{"text": "x"}\n', 'line 2: expected an object with a "prompt" key'),
-        ('["a"]\n', 'line 1: expected an object with a "prompt" key'),
+        ('{"prompt": "ok"}\n{"text": "x"}\n', 'line 2: expected an object with a "prompt" or a "messages" key'),
+        ('["a"]\n', 'line 1: expected an object with a "prompt" or a "messages" key'),
         ('{"prompt": ""}\n', 'line 1: "prompt" must be a non-empty string'),
         ('{"prompt": 3}\n', 'line 1: "prompt" must be a non-empty string'),
+        # chat prompts: TRL's conversational format
+        ('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}\n', 'line 1: both "prompt" and "messages"'),
+        ('{"messages": []}\n', 'line 1: "messages" must be a non-empty list'),
+        ('{"messages": "hi"}\n', 'line 1: "messages" must be a non-empty list'),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "tool", "content": "b"}]}\n',
+         r'line 2: messages\[0\] must be an object whose "role" is one of system, user, assistant'),
+        ('{"messages": ["hi"]}\n', r'line 1: messages\[0\] must be an object whose "role"'),
+        ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": 3}]}\n',
+         r'line 1: messages\[1\] must have a string "content"'),
+        ('{"messages": [{"role": "user"}]}\n', r'line 1: messages\[0\] must have a string "content"'),
+        ('{"messages": [{"role": "system", "content": "s"}]}\n', "line 1: the last message must be the user's"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+         "line 1: the last message must be the user's .* not the assistant's"),
     ],
 )
 def test_malformed_files_name_the_line(tmp_path, content, message):
