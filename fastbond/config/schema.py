@@ -143,8 +143,7 @@ class DataConfig:
     .arrow, .csv or .json file, a folder of them, or a `save_to_disk` directory. A dataset's rows stay on
     disk, memory-mapped; see docs/datasets.md. Prompts are text or chat messages (docs/prompts.md)."""
 
-    # a .jsonl ({"prompt": ...} or {"messages": [...]} a line) or .txt (a prompt a line) file, or a dataset
-    prompts: str = EMBEDDED
+    prompts: str = EMBEDDED  # a .jsonl ({"prompt": ...} or {"messages": [...]} a line), a .txt, or a dataset
     eval_prompts: str = EMBEDDED  # held-out prompts for the evaluation, same formats
     max_prompt_tokens: int = 64  # a longer prompt (counted as rendered) is an error naming its file and line
     prompt_field: str = "prompt"  # a dataset's column holding the prompts: text, or chat messages [{role, content}]
