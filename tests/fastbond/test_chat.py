@@ -309,3 +309,36 @@ def test_the_frontier_judges_the_rendered_prompts(tmp_path, chat_model, tokenize
     judge = load_judge(chat_run_config(tmp_path / "run", chat_model, tmp_path / "chat.jsonl"))
     assert judge.prompts == render_prompts(raw[:4], tokenizer, "auto", "x")
     assert all(isinstance(prompt, RenderedPrompt) for prompt in judge.prompts)
+
+
+def test_a_datasets_chat_prompts_render_when_read(tmp_path, tokenizer):
+    """A dataset column of messages stays lazy: each row rendered through the template when read."""
+    pytest.importorskip("datasets")
+    import datasets
+
+    from fastbond.chat import RenderedView
+    from fastbond.data import resolve_prompts
+
+    path = tmp_path / "chats.parquet"
+    datasets.Dataset.from_dict({"messages": CHATS}).to_parquet(str(path))
+    raw = resolve_prompts(str(path), "train", "messages")
+    view = render_prompts(raw, tokenizer, "auto", "data.prompts (chats.parquet)")
+    assert isinstance(view, RenderedView) and len(view) == len(CHATS)
+    for row, messages in enumerate(CHATS):
+        assert str(view[row]) == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert [list(p.messages) for p in view[1:3]] == CHATS[1:3]
+    assert prompt_token_ids(tokenizer, view[0:3]) == [template_ids(tokenizer, m) for m in CHATS]
+    with pytest.raises(FastbondError, match="data.chat_template=false"):
+        render_prompts(raw, tokenizer, False, "data.prompts (chats.parquet)")
+
+
+def test_the_fingerprint_covers_the_template_the_prompts_are_rendered_with(tokenizer):
+    from fastbond.chat import template_in_use
+
+    prompts = CHATS + [PLAIN]
+    plain = prompts_fingerprint(prompts, template_in_use(tokenizer, False))
+    assert plain == prompts_fingerprint(prompts)  # not rendered: the digest checkpoints always recorded
+    templated = prompts_fingerprint(prompts, template_in_use(tokenizer, "auto"))
+    assert templated["sha256"] == plain["sha256"] and templated != plain
+    other = prompts_fingerprint(prompts, TEMPLATE.replace("i thought", "i felt"))
+    assert other != templated
