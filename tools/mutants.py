@@ -1,5 +1,5 @@
-"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler and the fault handling,
-and the tests that catch them.
+"""Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler, pairwise judges and the
+fault handling, and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -21,6 +21,7 @@ TESTS = ["tests/fastbond/algorithms", "tests/fastbond/test_losses.py", "tests/fa
 RELIABILITY = ["tests/fastbond/test_reliability.py"]
 LORA = ["tests/fastbond/test_lora.py", "-k", "not reaches_the_reward"]  # the 40-step reward run aside
 ROLLOUT = ["tests/fastbond/rollout", "-m", "not slow and not vllm"]
+JUDGES = ["tests/fastbond/test_judges.py", "tests/fastbond/algorithms/test_jbond.py"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -92,6 +93,21 @@ MUTANTS = [
      "the sampling copy keeps the policy's weights from before the update", ROLLOUT),
     ("fastbond/rollout/keyed.py", "    return (x * constant) & _MASK32", "    return (x * constant) & 0x7FFFFFFF",
      "the keyed hash drops a bit of its products", ROLLOUT),
+    # pairwise judges (docs/judges.md): each runs the judge tests
+    ("fastbond/algorithms/jbond.py", "torch.stack([between_anchors > 0, between_anchors < 0], dim=-1)",
+     "torch.stack([between_anchors > 0, between_anchors <= 0], dim=-1)",
+     "under a judge, a tie between the anchor samples distils the second", JUDGES),
+    ("fastbond/algorithms/jbond.py", "lost_both = (against_first < 0) & (against_second < 0)",
+     "lost_both = (against_first <= 0) & (against_second <= 0)",
+     "under a judge, a tie with an anchor sample counts as worse", JUDGES),
+    ("fastbond/algorithms/jbond.py", "judge(prompts.texts * 3, first + policy + policy, second + first + second)",
+     "judge(prompts.texts * 3, first + first + policy, second + policy + second)",
+     "under a judge, one policy comparison is asked the wrong way round", JUDGES),
+    ("fastbond/judges.py", "rounds[p][-1].append(right if outcome < 0 else left)",
+     "rounds[p][-1].append(right if outcome <= 0 else left)", "the knockout sends the second through on a tie", JUDGES),
+    ("fastbond/judges.py", "            values = values - 0.5\n", "", "a judge's P(a ≻ b) is read as a sign", JUDGES),
+    ("fastbond/evaluate.py", "rounds[i][n.bit_length() - 1][j % (largest // n)]", "rounds[i][n.bit_length() - 1][0]",
+     "every policy sample meets the first bracket's Best-of-N", JUDGES),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),
