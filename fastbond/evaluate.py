@@ -242,10 +242,10 @@ def evaluate_pairwise(policy: nn.Module, reference: nn.Module, tokenizer, judge:
         _, mine, kl = _draw_policy(policy, reference, tokenizer, chunk, policy_samples, backend=backend, **draw)
         kls.append(kl)
         _, theirs = _draw_reference(reference, tokenizer, chunk, reference_samples, **draw)
-        by_n = _against_best_of_n(judge, chunk, [mine[i * policy_samples : (i + 1) * policy_samples]
-                                                 for i in range(len(chunk))],
-                                  [theirs[i * reference_samples : i * reference_samples + largest]
-                                   for i in range(len(chunk))], sizes)
+        rows = range(len(chunk))
+        mine_by_prompt = [mine[i * policy_samples : (i + 1) * policy_samples] for i in rows]
+        theirs_by_prompt = [theirs[i * reference_samples : i * reference_samples + largest] for i in rows]
+        by_n = _against_best_of_n(judge, chunk, mine_by_prompt, theirs_by_prompt, sizes)
         for n in sizes:
             shares[n].append(by_n[n])
     rates = {n: mean_and_stderr(torch.cat(shares[n])) for n in sizes}

@@ -15,7 +15,8 @@ judge can fail is one line naming it: it raised (`UserCodeError`), or it
 returned the wrong length or shape, something that is not numbers, a
 probability outside [0, 1], or NaN (`FastbondError`). Unlike a NaN reward,
 which `on_nonfinite` may skip, a NaN outcome is always an error: it leaves a
-pair undecided, and every J-BOND decision needs all three of a prompt's.
+pair undecided, and neither a J-BOND decision nor a knockout goes on without
+its winner.
 
 J-BOND (`fastbond.algorithms.jbond`) is the one algorithm that runs on a
 judge alone; `knockout` picks Best-of-N by the judge for the evaluation.

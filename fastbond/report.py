@@ -84,7 +84,8 @@ def _judged_panels(records: list[dict], evaluation: dict | None, ax_steps, ax_fr
                               textcoords="offset points", xytext=(4, -10))
         ax_front.axhline(0.5, ls="--", lw=0.8, color="gray")
         ax_front.axvline(evaluation["kl_policy_ref"], ls=":", lw=0.8, color="C3", label="KL(π‖π_ref) of the policy")
-    ax_front.set(xlabel="KL bound of Best-of-N (nats)", ylabel="win rate under the judge", title="win rate vs Best-of-N")
+    ax_front.set(xlabel="KL bound of Best-of-N (nats)", ylabel="win rate under the judge",
+                 title="win rate vs Best-of-N")
     _legend(ax_front)
 
 

@@ -15,6 +15,9 @@ Kinds (config `reward.kind` / `reward.name`):
               (prompts, responses) and returns B floats or a tensor [B]
     model     a transformers sequence-classification checkpoint directory with
               its tokenizer; the score is logits[:, 0]
+
+A fourth kind, `pairwise`, compares two responses instead of scoring one:
+`fastbond.judges` loads it (through `import_function`, as a callable is).
 """
 
 from __future__ import annotations

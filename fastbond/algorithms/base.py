@@ -42,8 +42,9 @@ class Context:
     """What an algorithm may use: the models, the reward, how to sample and how to score.
 
     `reward_fn` scores one response at a time, or is a `PairwiseJudge` that compares two
-    (reward.kind=pairwise: `judge` is then set, and `score` refuses). `sampler` draws responses (`fastbond.rollout.sampler`; by default `generate`
-    with `max_new_tokens` and `temperature`). `batch_sum` is the engine's
+    (reward.kind=pairwise: `judge` is then set, and `score` refuses). `sampler` draws
+    responses (`fastbond.rollout.sampler`; by default `generate` with `max_new_tokens`
+    and `temperature`). `batch_sum` is the engine's
     (`fastbond.engines`): under DeepSpeed it sums a tensor over the ranks that
     each hold a share of the batch (for batch-wide baselines).
     """

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +307,20 @@ def test_win_rates_against_pi_ref_and_its_best_of_n_by_hand(reference, tmp_path)
     table = format_evaluation(written)
     assert table.count("not computed") == 1 and "reward.kind=pairwise" in table
     assert "win rate vs π_ref 0.625" in table
+
+
+def test_the_example_trains_and_is_judged_by_win_rates(tmp_path, embedded_reference, monkeypatch):
+    """examples/embedded-judge.yaml, shortened: training ends with eval.json's win rates and a report."""
+    root = Path(__file__).parents[2]
+    monkeypatch.chdir(root)  # the judge is examples.pairwise_judge, imported from the working directory
+    monkeypatch.syspath_prepend(str(root))
+    config = load_config(root / "examples" / "embedded-judge.yaml", [
+        "steps=2", "rollout.batch_size=4", "rollout.max_new_tokens=8", "logging.progress=false",
+        "evaluation.max_prompts=3", "evaluation.policy_samples=2", "evaluation.reference_samples=4",
+        f"run_dir={tmp_path / 'run'}"])
+    run_dir = train(config)
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["judge"] == "pairwise judge examples.pairwise_judge:sentiment"
+    assert list(result["bon"]) == ["1", "2", "4"] and 0.0 <= result["win_rate_vs_ref"] <= 1.0
+    assert result["judge_comparisons"] == 3 * (3 + 2 * 3)
+    assert (run_dir / "report.png").is_file()
