@@ -1,5 +1,6 @@
 """The PNG report of a run: reward and KL over steps, and the reward/KL front
-of the policy beside the Best-of-N points of π_ref."""
+of the policy beside the Best-of-N points of π_ref. A pairwise judge's run has
+no reward: win rates under the judge take the reward's panels."""
 
 from __future__ import annotations
 
@@ -22,7 +23,20 @@ def _legend(ax) -> None:
 
 
 def write_report(records: list[dict], evaluation: dict | None, path: Path, title: str = "fastbond run") -> Path:
-    figure, (ax_reward, ax_kl, ax_front) = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, (ax_steps, ax_kl, ax_front) = plt.subplots(1, 3, figsize=(15, 4.2))
+    judged = (evaluation is not None and "judge" in evaluation) or any("win_rate_vs_anchor" in r for r in records)
+    (_judged_panels if judged else _reward_panels)(records, evaluation, ax_steps, ax_front)
+    for key, label in (("kl_ref", "KL(π‖π_ref)"), ("kl_anchor", "KL(π‖π_anc)")):
+        s, v = _series(records, key)
+        if s:
+            ax_kl.plot(s, v, label=label, lw=1.2)
+    ax_kl.set(xlabel="step", ylabel="nats", title="KL (sequence-level estimates)")
+    _legend(ax_kl)
+    return save_figure(figure, path, title)
+
+
+def _reward_panels(records: list[dict], evaluation: dict | None, ax_reward, ax_front) -> None:
+    """The reward over steps beside Best-of-N of π_ref, and the reward/KL front."""
     steps, reward = _series(records, "reward")
     ax_reward.plot(steps, reward, label="policy sample", lw=1.2)
     anchor_steps, anchor_reward = _series(records, "anchor_reward")
@@ -35,13 +49,6 @@ def write_report(records: list[dict], evaluation: dict | None, path: Path, title
                 ax_reward.text(0, row["reward"], f" BoN-{n} of π_ref", va="bottom", fontsize=8, color="gray")
     ax_reward.set(xlabel="step", ylabel="mean reward (train prompts)", title="reward")
     _legend(ax_reward)
-
-    for key, label in (("kl_ref", "KL(π‖π_ref)"), ("kl_anchor", "KL(π‖π_anc)")):
-        s, v = _series(records, key)
-        if s:
-            ax_kl.plot(s, v, label=label, lw=1.2)
-    ax_kl.set(xlabel="step", ylabel="nats", title="KL (sequence-level estimates)")
-    _legend(ax_kl)
 
     if evaluation:
         bon = evaluation["bon"]
@@ -59,7 +66,27 @@ def write_report(records: list[dict], evaluation: dict | None, path: Path, title
     ax_front.set(xlabel="KL(π‖π_ref) (nats)", ylabel="mean reward", title="reward vs KL")
     _legend(ax_front)
 
-    return save_figure(figure, path, title)
+
+def _judged_panels(records: list[dict], evaluation: dict | None, ax_steps, ax_front) -> None:
+    """A pairwise judge's run (no reward): the policy sample's win rate against the anchor samples over
+    steps, and the trained policy's against Best-of-N of π_ref (picked by the judge) at each N's KL bound."""
+    steps, rate = _series(records, "win_rate_vs_anchor")
+    ax_steps.plot(steps, rate, label="policy sample vs anchor samples", lw=1.2)
+    ax_steps.axhline(0.5, ls="--", lw=0.8, color="gray")
+    ax_steps.set(xlabel="step", ylabel="win rate under the judge", title="win rate vs the anchor")
+    _legend(ax_steps)
+    if evaluation:
+        bon = evaluation["bon"]
+        ax_front.plot([row["kl_bound"] for row in bon.values()], [row["win_rate"] for row in bon.values()], "o-",
+                      color="C3", label="trained policy vs Best-of-N of π_ref")
+        for n, row in bon.items():
+            ax_front.annotate(f"N={n}", (row["kl_bound"], row["win_rate"]), fontsize=8,
+                              textcoords="offset points", xytext=(4, -10))
+        ax_front.axhline(0.5, ls="--", lw=0.8, color="gray")
+        ax_front.axvline(evaluation["kl_policy_ref"], ls=":", lw=0.8, color="C3", label="KL(π‖π_ref) of the policy")
+    ax_front.set(xlabel="KL bound of Best-of-N (nats)", ylabel="win rate under the judge",
+                 title="win rate vs Best-of-N")
+    _legend(ax_front)
 
 
 def save_figure(figure, path: Path, title: str) -> Path:

@@ -15,6 +15,9 @@ Kinds (config `reward.kind` / `reward.name`):
               (prompts, responses) and returns B floats or a tensor [B]
     model     a transformers sequence-classification checkpoint directory with
               its tokenizer; the score is logits[:, 0]
+
+A fourth kind, `pairwise`, compares two responses instead of scoring one:
+`fastbond.judges` loads it (through `import_function`, as a callable is).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "NEGATIVE_WORDS",
     "NEGATORS",
     "RewardFunction",
+    "import_function",
     "load_reward",
     "nonfinite_mask",
     "register",
@@ -169,10 +173,12 @@ def _load_builtin(name: str) -> RewardFunction:
     return RewardFunction(BUILTIN_REWARDS[name], f"builtin reward {name}")
 
 
-def _load_callable(spec: str) -> RewardFunction:
+def import_function(spec: str, what: str = "reward function") -> Callable:
+    """The function a "module:function" spec names, imported with importlib; every way that fails is a
+    one-line `FastbondError` starting with `what` and the spec (a reward function, a pairwise judge)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise FastbondError(f"reward callable must look like module:function, got '{spec}'")
+        raise FastbondError(f"{what} must look like module:function, got '{spec}'")
     # A console script does not put the working directory on sys.path; users
     # expect `my_rewards:score` beside their config to import. Appended, not
     # prepended, so it never shadows an installed package.
@@ -182,18 +188,22 @@ def _load_callable(spec: str) -> RewardFunction:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
-            raise FastbondError(f"reward function {spec}: module '{module_name}' not found") from None
-        raise FastbondError(f"reward function {spec}: importing '{module_name}' failed: {_first_line(error)}") from None
+            raise FastbondError(f"{what} {spec}: module '{module_name}' not found") from None
+        raise FastbondError(f"{what} {spec}: importing '{module_name}' failed: {_first_line(error)}") from None
     except Exception as error:  # a syntax or runtime error inside the user's module
         raise FastbondError(
-            f"reward function {spec}: importing '{module_name}' raised {type(error).__name__}: {_first_line(error)}"
+            f"{what} {spec}: importing '{module_name}' raised {type(error).__name__}: {_first_line(error)}"
         ) from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise FastbondError(f"reward function {spec}: module '{module_name}' has no attribute '{attr}'")
+        raise FastbondError(f"{what} {spec}: module '{module_name}' has no attribute '{attr}'")
     if not callable(fn):
-        raise FastbondError(f"reward function {spec}: '{attr}' is a {type(fn).__name__}, not a function")
-    return RewardFunction(fn, f"reward function {spec}")
+        raise FastbondError(f"{what} {spec}: '{attr}' is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _load_callable(spec: str) -> RewardFunction:
+    return RewardFunction(import_function(spec), f"reward function {spec}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")

@@ -286,8 +286,10 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
     with timer("generate"):
         ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, engine.device)
         batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
-    reward = batch.policy_rewards.float()
-    metrics: dict = {"reward": reward.nanmean() if reward.numel() else reward}
+    metrics: dict = dict(batch.metrics)
+    if batch.scalar:  # a pairwise judge's batch holds decisions, not rewards
+        reward = batch.policy_rewards.float()
+        metrics["reward"] = reward.nanmean() if reward.numel() else reward
     ctx.sampler.check(run.step + 1, engine.all_true)
     metrics.update(ctx.sampler.metrics())
     finite = all(bool(torch.isfinite(r.float()).all()) for r in batch.all_rewards())
@@ -384,7 +386,7 @@ def _train(run: Run) -> Path:
                     with run.writing("metrics.jsonl"):
                         record = log.write(run.step, record)
                 if bar is not None:
-                    bar.set_postfix(reward=_fmt(record["reward"]), kl=_fmt(record.get("kl_ref")),
+                    bar.set_postfix(reward=_fmt(record.get("reward")), kl=_fmt(record.get("kl_ref")),
                                     samples_s=_fmt(record["samples_per_s"], 1))
             if bar is not None:
                 bar.update(1)

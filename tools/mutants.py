@@ -1,5 +1,5 @@
 """Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler, the fault handling,
-the prompt datasets, chat prompts and the metrics logs, and the tests that catch them.
+the prompt datasets, chat prompts, pairwise judges and the metrics logs, and the tests that catch them.
 
     python tools/mutants.py            # every mutant (a few minutes on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
@@ -24,6 +24,7 @@ ROLLOUT = ["tests/fastbond/rollout", "-m", "not slow and not vllm"]
 DATA = ["tests/fastbond/test_prompt_datasets.py", "tests/fastbond/test_data.py"]
 LOGGING = ["tests/fastbond/test_logging.py"]
 CHAT = ["tests/fastbond/test_chat.py"]
+JUDGES = ["tests/fastbond/test_judges.py", "tests/fastbond/algorithms/test_jbond.py"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -102,6 +103,21 @@ MUTANTS = [
      "a rendered chat prompt gets a second BOS", CHAT),
     ("fastbond/rewards.py", "chat = conversation(prompt) + [", "chat = [{'role': 'user', 'content': prompt}] + [",
      "the reward model reads the policy's rendering as one user turn, not the messages", CHAT),
+    # pairwise judges (docs/judges.md): each runs the judge tests
+    ("fastbond/algorithms/jbond.py", "torch.stack([between_anchors > 0, between_anchors < 0], dim=-1)",
+     "torch.stack([between_anchors > 0, between_anchors <= 0], dim=-1)",
+     "under a judge, a tie between the anchor samples distils the second", JUDGES),
+    ("fastbond/algorithms/jbond.py", "lost_both = (against_first < 0) & (against_second < 0)",
+     "lost_both = (against_first <= 0) & (against_second <= 0)",
+     "under a judge, a tie with an anchor sample counts as worse", JUDGES),
+    ("fastbond/algorithms/jbond.py", "judge(prompts.texts * 3, first + policy + policy, second + first + second)",
+     "judge(prompts.texts * 3, first + first + policy, second + policy + second)",
+     "under a judge, one policy comparison is asked the wrong way round", JUDGES),
+    ("fastbond/judges.py", "rounds[p][-1].append(right if outcome < 0 else left)",
+     "rounds[p][-1].append(right if outcome <= 0 else left)", "the knockout sends the second through on a tie", JUDGES),
+    ("fastbond/judges.py", "            values = values - 0.5\n", "", "a judge's P(a ≻ b) is read as a sign", JUDGES),
+    ("fastbond/evaluate.py", "rounds[i][n.bit_length() - 1][j % (largest // n)]", "rounds[i][n.bit_length() - 1][0]",
+     "every policy sample meets the first bracket's Best-of-N", JUDGES),
     # reliability (docs/reliability.md): each runs the fault tests
     ("fastbond/checkpoint.py", "found, key=checkpoint_step)", "found, key=lambda p: p.name)",
      "checkpoints are ordered by name", RELIABILITY),

@@ -16,13 +16,15 @@ with a tiny model and a stub reward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fastbond.algorithms.sections import AlgorithmSection
+from fastbond.errors import FastbondError
+from fastbond.judges import PairwiseJudge
 from fastbond.kernels.sequences import BatchSum
 from fastbond.logprobs import response_logprobs
 from fastbond.roles import as_module
@@ -39,8 +41,10 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 class Context:
     """What an algorithm may use: the models, the reward, how to sample and how to score.
 
-    `sampler` draws responses (`fastbond.rollout.sampler`; by default `generate`
-    with `max_new_tokens` and `temperature`). `batch_sum` is the engine's
+    `reward_fn` scores one response at a time, or is a `PairwiseJudge` that compares two
+    (reward.kind=pairwise: `judge` is then set, and `score` refuses). `sampler` draws
+    responses (`fastbond.rollout.sampler`; by default `generate` with `max_new_tokens`
+    and `temperature`). `batch_sum` is the engine's
     (`fastbond.engines`): under DeepSpeed it sums a tensor over the ranks that
     each hold a share of the batch (for batch-wide baselines).
     """
@@ -48,7 +52,7 @@ class Context:
     policy: nn.Module
     reference: nn.Module
     tokenizer: object
-    reward_fn: RewardFn
+    reward_fn: RewardFn | PairwiseJudge
     anchor: "EMAAnchor | ShardedEMAAnchor | None" = None
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -68,9 +72,18 @@ class Context:
         """One response per prompt row from `model` (a role: `fastbond.roles`), through the run's sampler."""
         return self.sampler.draw(model, prompts, self.frozen_logps)
 
+    @property
+    def judge(self) -> PairwiseJudge | None:
+        """The run's pairwise judge, or None when the reward scores each response."""
+        return self.reward_fn if isinstance(self.reward_fn, PairwiseJudge) else None
+
     def score(self, prompts: list[str], samples: Samples) -> torch.Tensor:
         """[B] rewards of the samples' responses to `prompts`."""
+        if self.judge is not None:  # the config refuses this pairing; a test or a new algorithm may not
+            raise FastbondError(f"{self.judge.label} compares two responses, and this algorithm needs a scalar "
+                                "reward of one (reward.kind)")
         return self.reward_fn(prompts, samples.texts).to(samples.sequences.device)
+
 
     def draw_k(self, model: nn.Module, prompts: Prompts, k: int) -> tuple[Samples, torch.Tensor]:
         """k responses per prompt in one generate call, [p0 × k, p1 × k, …]; rewards [B, k]."""
@@ -92,10 +105,16 @@ class Context:
 
 @dataclass
 class Batch:
-    """A scored rollout. `samples` name → Samples; `rewards` name → [B] or [B, k]."""
+    """A scored rollout. `samples` name → Samples; `rewards` name → [B] or [B, k].
+
+    `scalar` is False when `rewards` only encode a pairwise judge's decisions (J-BOND under
+    reward.kind=pairwise): then there is no reward to log. `metrics`: what the rollout measured.
+    """
 
     samples: dict[str, Samples]
     rewards: dict[str, torch.Tensor]
+    scalar: bool = True
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def policy_rewards(self) -> torch.Tensor:

@@ -22,6 +22,8 @@ class AlgorithmSection:
     name: str
     # Whether the run keeps an anchor model (EMA or hard copy of the policy).
     needs_anchor: ClassVar[bool] = False
+    # Whether it can run on a pairwise judge's comparisons alone (reward.kind=pairwise), with no scalar reward.
+    runs_on_comparisons: ClassVar[bool] = False
 
     def check(self) -> None:
         """Ranges of this section's values; raises FastbondError naming the key."""
@@ -36,6 +38,7 @@ class JBondSection(AlgorithmSection):
     gamma: float = 0.0  # weight of the extra KL(π ‖ π_anc) term
     eta: float = 0.02  # anchor EMA rate: θ_anc ← (1−η) θ_anc + η θ after every step
     needs_anchor: ClassVar[bool] = True
+    runs_on_comparisons: ClassVar[bool] = True  # 3 comparisons a prompt decide a step (docs/judges.md)
 
     def check(self) -> None:
         in_unit_interval("algorithm.beta", self.beta)

@@ -116,18 +116,29 @@ class ModelConfig:
                 model_directory("model.reference", self.reference)
 
 
+# How a pairwise judge's numbers read (fastbond.judges.JUDGE_OUTPUTS; the config imports no torch).
+JUDGE_OUTPUTS = ("probability", "sign")
+
+
 @dataclass
 class RewardConfig:
-    kind: str = "builtin"  # builtin | callable | model
-    name: str = "sentiment"  # scorer name | "module:function" | reward-model directory
+    """What judges a response: a scorer or a reward model (one number each), or a pairwise judge that says which
+    of two is better (docs/judges.md; only algorithm.name=jbond trains on one)."""
+
+    kind: str = "builtin"  # builtin | callable | model | pairwise
+    name: str = "sentiment"  # scorer name | "module:function" (callable, pairwise) | reward-model directory
     batch_size: int = 64  # responses per reward-model forward (kind model)
+    judge_output: str = "probability"  # kind pairwise: the judge returns P(a ≻ b) in [0, 1] (probability) or a sign
 
     def check(self, environment: bool) -> None:
         positive("reward.batch_size", self.batch_size)
-        one_of("reward.kind", self.kind, ("builtin", "callable", "model"))
+        one_of("reward.kind", self.kind, ("builtin", "callable", "model", "pairwise"))
+        one_of("reward.judge_output", self.judge_output, JUDGE_OUTPUTS)
+        require(self.kind == "pairwise" or self.judge_output == "probability",
+                f"config key 'reward.judge_output' only applies to reward.kind=pairwise, not {self.kind}")
         if environment and self.kind == "model":
             existing_path("reward.name", self.name)
-        if self.kind == "callable":
+        if self.kind in ("callable", "pairwise"):
             require(":" in self.name, f"config key 'reward.name' must look like module:function, got '{self.name}'")
 
 
@@ -413,3 +424,7 @@ class TrainConfig:
         self.model.check(environment)
         self.data.check(environment)
         self.reward.check(environment)
+        # A judge gives comparisons, not rewards: only an algorithm that decides by comparisons alone runs on one.
+        require(self.reward.kind != "pairwise" or self.algorithm.runs_on_comparisons,
+                f"config key 'reward.kind': algorithm {self.algorithm.name} needs a scalar reward; a pairwise judge "
+                "runs only with algorithm.name=jbond")

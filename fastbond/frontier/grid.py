@@ -61,6 +61,10 @@ def _check_overrides(name: str, overrides: list[str]) -> None:
 def load_grid(path, overrides: list[str], out: Path) -> tuple[TrainConfig, list[GridRun]]:
     """The frontier's config (file + command-line overrides) and its runs, each checked as a config."""
     base = load_config(path, overrides)
+    if base.reward.kind == "pairwise":
+        raise FastbondError("config key 'reward.kind': fastbond frontier draws each run's reward against KL beside "
+                            "Best-of-N's, and a pairwise judge gives no reward; train J-BOND with it and read "
+                            "eval.json's win rates against Best-of-N instead")
     if not base.frontier.runs:
         raise FastbondError("config key 'frontier.runs' is empty: name the runs to compare, each with its "
                             "overrides (fastbond/configs/embedded.yaml holds an example)")

@@ -35,7 +35,7 @@ class Models:
     tokenizer: Any
     policy: nn.Module
     reference: Any
-    reward_fn: Any  # fastbond.rewards.RewardFunction
+    reward_fn: Any  # fastbond.rewards.RewardFunction, or a fastbond.judges.PairwiseJudge (reward.kind=pairwise)
     anchor: Any = None  # fastbond.anchor.EMAAnchor / ShardedEMAAnchor, when the algorithm has one
     # each role's weights for a sampler that holds its own copy (vLLM); None: the role modules' own parameters
     role_weights: Any = None

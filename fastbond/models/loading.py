@@ -134,9 +134,13 @@ def load_frozen(config, path: str | Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_run_reward(config, tokenizer, device: torch.device, dtype: torch.dtype):
-    """The run's `RewardFunction` (reward.kind / reward.name), a reward model placed on `device`."""
+    """The run's `RewardFunction` (reward.kind / reward.name), a reward model placed on `device`; under
+    reward.kind=pairwise its `PairwiseJudge` (`fastbond.judges`) instead."""
+    from fastbond.judges import load_judge
     from fastbond.rewards import load_reward
 
+    if config.reward.kind == "pairwise":
+        return load_judge(config.reward.name, config.reward.judge_output)
     return load_reward(config.reward.kind, config.reward.name, device=device, dtype=dtype,
                        batch_size=config.reward.batch_size, trust_remote_code=config.model.trust_remote_code,
                        policy_tokenizer=tokenizer)

@@ -6,8 +6,8 @@ config: ZeRO-3 and ZeRO-2 give the same per-step loss and the same final
 weights. Then a run saved on 2 ranks resumes on 2 ranks through the CLI and
 continues exactly as the run that never stopped. The same for LoRA J-BOND
 (model.lora) under ZeRO-3, whose checkpoints hold adapters and no base, and the static sampler
-(rollout.backend=static) under ZeRO-3, against the one-process run that samples with `generate`.
-About 100 s on 2 cores.
+(rollout.backend=static) under ZeRO-3, against the one-process run that samples with `generate`, and
+J-BOND on a pairwise judge of the same reward under ZeRO-2. About 120 s on 2 cores.
 
 Tolerances: the two runs sample the same tokens; what differs is the order of
 floating-point sums (the gradient average over ranks, batch padding of the
@@ -147,6 +147,16 @@ def test_zero3_with_the_static_sampler_trains_like_one_process_with_generate(cac
 def test_zero2_trains_like_one_process(cache, tmp_path_factory, one_process):
     zero2 = deepspeed_train(cache, tmp_path_factory.mktemp("zero2") / "run", "engine.zero_stage=2")
     assert_same_run(zero2, one_process)
+
+
+def test_zero2_with_a_pairwise_judge_trains_like_one_process_with_the_reward(cache, tmp_path_factory, one_process):
+    """Each rank asks the judge about its share of the prompts (docs/judges.md); the example judge compares
+    the embedded reward, so 2 ranks on it train the one-process run on the reward itself."""
+    judged = deepspeed_train(cache, tmp_path_factory.mktemp("judged") / "run", "engine.zero_stage=2",
+                             "reward.kind=pairwise", "reward.name=examples.pairwise_judge:sentiment")
+    assert_same_run(judged, one_process)
+    records = [json.loads(line) for line in (judged / "metrics.jsonl").read_text().splitlines()]
+    assert [r["judge_comparisons_per_prompt"] for r in records] == [3.0] * 3
 
 
 def test_resume_on_two_ranks_continues_exactly(cache, tmp_path, zero3):

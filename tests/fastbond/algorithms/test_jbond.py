@@ -13,6 +13,7 @@ from conftest import JBOND_PENALTY, RESPONSES, Recorder, assert_same_step, leave
 from fastbond.algorithms.base import Batch
 from fastbond.algorithms.jbond import JBond
 from fastbond.algorithms.sections import JBondSection
+from fastbond.judges import PairwiseJudge
 
 
 def jbond_batch(world, anchor_rewards, rewards=(0.5, -1.0, 2.0)):
@@ -88,6 +89,37 @@ def test_rollout_draws_one_policy_sample_and_two_anchor_samples(world):
     lengths = [float(len(t)) for t in batch.samples["anchor"].texts]
     assert batch.rewards["anchor"].flatten().tolist() == lengths
     assert batch.rewards["policy"].tolist() == [float(len(t)) for t in batch.samples["policy"].texts]
+
+
+def test_under_a_judge_the_rollout_draws_the_same_and_decides_in_3_comparisons_a_prompt(world):
+    """reward.kind=pairwise: the same draws as with a reward, one judge call of 3 pairs a prompt, and a loss
+    equal to the one on the rewards the judge compares (docs/judges.md)."""
+    def length(texts):
+        return torch.tensor([float(len(t.split())) for t in texts])
+
+    calls = []
+
+    def by_length(prompts, responses_a, responses_b):
+        calls.append(len(prompts))
+        return length(responses_a) - length(responses_b)
+
+    ctx = world.context(reward_fn=PairwiseJudge(by_length, "pairwise judge test:by_length", "sign"))
+    recorder = Recorder(ctx)
+    torch.manual_seed(3)
+    judged = JBond(JBondSection()).rollout(ctx, world.prompts())
+    assert recorder.draws == [(world.policy, 3), (world.anchor.model, 6)]
+    assert calls == [9] and not judged.scalar
+    assert judged.metrics["judge_comparisons_per_prompt"].item() == 3.0
+
+    samples = judged.samples
+    scalar = Batch(samples, {"policy": length(samples["policy"].texts),
+                             "anchor": length(samples["anchor"].texts).view(3, 2)})
+    algorithm = JBond(JBondSection(beta=0.5, gamma=0.5))
+    loss, metrics = algorithm.loss(ctx, judged)
+    expected, expected_metrics = algorithm.loss(world.context(), scalar)
+    assert_same_step(loss, expected, world.policy)
+    assert "anchor_reward" not in metrics and "anchor_reward" in expected_metrics
+    assert metrics["frac_worse_than_both"] == expected_metrics["frac_worse_than_both"]
 
 
 def test_anchor_moves_by_exactly_eta_toward_the_policy(world):
