@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--short", type=int, default=8)
     parser.add_argument("--long", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attn", help="the model's attention implementation (eager, sdpa, ...); default: transformers'")
     parser.add_argument("--profile", action="store_true",
                         help="also record the static sampler's kernels (torch.profiler) over --long steps, per batch")
     args = parser.parse_args(argv)
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(dims["vocab_size"])
     config = GemmaConfig(**dims, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
+    if args.attn:
+        config._attn_implementation = args.attn
     torch.manual_seed(0)
     with device:
         model = GemmaForCausalLM(config).to(dtype).eval().requires_grad_(False)
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     result = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "torch": torch.__version__, "model": {"architecture": "GemmaForCausalLM", **dims},
               "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes,
+              "attention": model.config._attn_implementation,
               "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms, "prompt_tokens": args.prompt_tokens,
               "steps_timed": args.long - args.short, "batches": []}
     capture = device.type == "cuda"
