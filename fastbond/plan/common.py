@@ -138,9 +138,10 @@ def zero_trained_rows(plan: Plan, trained: ModelShape, ranks: int, stage: int, c
 def sampler_rows(plan: Plan, config: TrainConfig, policy: ModelShape, master_wider: bool) -> None:
     """The static sampler's copy of the weights it decodes with (`fastbond.rollout.static_sampler.SamplingCopy`):
     held when its step is captured (`rollout.static.capture` auto or true: a plan is for GPUs) or when the
-    policy's own weights are wider than the compute dtype (`master_wider`: one process's fp32 master)."""
+    policy's own weights are wider than the compute dtype (`master_wider`: one process's fp32 master).
+    rollout.backend=auto counts it too: a plan is for GPUs, where auto is the static sampler."""
     rollout = config.rollout
-    if rollout.backend != "static":
+    if rollout.backend not in ("static", "auto"):
         return
     c, dtype = DTYPE_BYTES[config.model.dtype], config.model.dtype
     if rollout.static.capture is not False or (master_wider and c != 4):

@@ -643,6 +643,7 @@ def memory_matches_plan():
         engine, config = make_engine(copy.deepcopy(base), stage, dtype)
         anchor = build_anchor(engine, copy.deepcopy(base))
         shape = shape_of(base, "tiny")
+        config.rollout.backend = "generate"  # no sampler here: the plan's rows of the engine alone
         planned = plan_memory(config, dist.get_world_size(), shape, None, None)
         # The optimizer's moments appear at its first step.
         engine.step(weighted_loss(engine.model, batch_samples(3 + dist.get_rank()), seed=0))
@@ -673,7 +674,8 @@ def _lora_memory() -> dict:
     for stage, dtype in ((3, "bfloat16"), (3, "float32"), (2, "bfloat16"), (0, "float32")):
         wrapped = tiny_lora()
         config = load_config(None, ["engine.kind=deepspeed", f"engine.zero_stage={stage}", f"model.dtype={dtype}",
-                                    "model.lora.r=3", "model.lora.alpha=6", "optim.lr=0.05"])
+                                    "model.lora.r=3", "model.lora.alpha=6", "optim.lr=0.05",
+                                    "rollout.backend=generate"])  # no sampler here: the engine's rows alone
         engine = ZeroOptimizer(wrapped.get_base_model(), config, build_deepspeed_config(config, dist.get_world_size()),
                                torch.device("cpu"))
         release = partial(release_gathered, engine.model) if stage == 3 else None

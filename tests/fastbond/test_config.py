@@ -283,7 +283,7 @@ def test_vllm_rollouts_without_vllm_name_the_extra(monkeypatch):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("rollout.backend=sglang", "config key 'rollout.backend' must be one of generate, vllm, static; got 'sglang'"),
+        ("rollout.backend=sglang", "config key 'rollout.backend' must be one of auto, generate, vllm, static; got 'sglang'"),
         ("rollout.vllm.gpu_memory_utilization=0",
          "config key 'rollout.vllm.gpu_memory_utilization' must lie in (0, 1]"),
         ("rollout.vllm.max_logp_gap=0", "config key 'rollout.vllm.max_logp_gap' must be"),
@@ -323,4 +323,4 @@ def test_every_rollout_backend_has_a_sampler():
     from fastbond.config import ROLLOUT_BACKENDS
     from fastbond.rollout.backends import SAMPLERS
 
-    assert set(ROLLOUT_BACKENDS) == set(SAMPLERS)
+    assert set(ROLLOUT_BACKENDS) == set(SAMPLERS) | {"auto"}  # auto: one of them, by device (resolved_backend)

@@ -12,6 +12,9 @@ from fastbond.errors import FastbondError
 from fastbond.memory import measured_rows
 from fastbond.plan import plan_memory, resolve_shape
 
+# the rows without the static sampler's copy (rollout.backend=auto counts it: a plan is for GPUs)
+GENERATE = "rollout.backend=generate"
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
@@ -37,7 +40,7 @@ def test_shape_counts(small):
 
 
 def test_zero3_bf16_on_3_ranks(small):
-    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16"])
+    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16", GENERATE])
     plan = plan_memory(config, 3, small, small, None)
     assert rows(plan) == {
         "policy params": (2 * 76, 0), "policy grads": (2 * 76, 0), "fp32 master weights": (4 * 76, 0),
@@ -50,7 +53,7 @@ def test_zero3_bf16_on_3_ranks(small):
 
 
 def test_zero2_replicates_weights_and_shards_the_rest(small):
-    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=2", "model.dtype=bfloat16"])
+    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=2", "model.dtype=bfloat16", GENERATE])
     assert rows(plan_memory(config, 3, small, small, small)) == {
         "policy params": (424, 0), "policy grads": (2 * 71, 0), "fp32 master weights": (4 * 71, 0),
         "Adam moments": (8 * 71, 0), "anchor params": (424, 0), "anchor EMA state": (848, 0),
@@ -59,7 +62,7 @@ def test_zero2_replicates_weights_and_shards_the_rest(small):
 
 
 def test_offload_moves_optimizer_and_parameters_to_host(small):
-    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16",
+    config = load_config(None, ["engine.kind=deepspeed", "engine.zero_stage=3", "model.dtype=bfloat16", GENERATE,
                                 "engine.offload_optimizer=true", "engine.offload_params=true"])
     assert rows(plan_memory(config, 3, small, small, None)) == {
         "policy params": (0, 152), "policy grads": (152, 0), "fp32 gradient partition": (0, 304),
@@ -69,7 +72,7 @@ def test_offload_moves_optimizer_and_parameters_to_host(small):
 
 
 def test_one_process_fp32_has_no_separate_master_or_anchor_state(small):
-    config = load_config(None, ["engine.kind=torch"])
+    config = load_config(None, ["engine.kind=torch", GENERATE])
     assert rows(plan_memory(config, 1, small, small, None)) == {
         "policy params": (848, 0), "policy grads": (848, 0), "Adam moments": (1696, 0),
         "anchor params": (848, 0), "anchor EMA state": (0, 0), "reference": (848, 0),
@@ -79,7 +82,8 @@ def test_one_process_fp32_has_no_separate_master_or_anchor_state(small):
 
 
 @pytest.mark.parametrize("overrides, copy_bytes", [
-    (["engine.kind=torch", "model.dtype=bfloat16"], None),  # generate: the roles' own weights
+    (["engine.kind=torch", "model.dtype=bfloat16", GENERATE], None),  # the roles' own weights
+    (["engine.kind=torch", "model.dtype=bfloat16"], 2 * 212),  # auto: the static sampler on the GPUs a plan is for
     (["engine.kind=torch", "model.dtype=bfloat16", "rollout.backend=static"], 2 * 212),  # captured (a plan is for GPUs)
     # not captured: a copy only where the policy's weights are wider than bf16 (one process's fp32 master)
     (["engine.kind=torch", "model.dtype=bfloat16", "rollout.backend=static", "rollout.static.capture=false"], 2 * 212),

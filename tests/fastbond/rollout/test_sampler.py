@@ -131,3 +131,18 @@ def test_an_unknown_backend_is_one_line(reference):
     with pytest.raises(Exception, match=r"config key 'rollout.backend': unknown backend 'sglang'"):
         make_sampler(config, tokenizer=tokenizer, policy=model, generation=None, gathered=None,
                      device=torch.device("cpu"))
+
+
+def test_auto_picks_the_static_sampler_on_cuda_and_generate_elsewhere(monkeypatch):
+    from fastbond.config import schema
+    from fastbond.rollout.backends import resolved_backend
+
+    rollout = load_config(None, []).rollout
+    assert rollout.backend == "auto"
+    assert resolved_backend(rollout, torch.device("cpu")) == "generate"
+    assert resolved_backend(rollout, "cuda:0") == "static"
+    monkeypatch.setattr(schema, "_transformers_version", lambda: (5, 16))  # too old for its static cache
+    assert resolved_backend(rollout, "cuda") == "generate"
+    for named in ("generate", "static", "vllm"):  # a named backend is taken as named
+        assert resolved_backend(load_config(None, [f"rollout.backend={named}"], check_paths=False).rollout,
+                                "cuda") == named
