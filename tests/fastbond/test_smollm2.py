@@ -112,16 +112,17 @@ def test_jbond_trains_the_real_model_on_chat_prompts_under_a_judge(smollm2, tmp_
     prefills, passes = [], []  # the ids each draw's first forward got; the sequences of every log-prob pass
     real_sample, real_hidden = fastbond.rollout.sampler.sample, fastbond.logprobs.final_hidden_states
 
-    def sample(module, tokenizer, ids, mask, *args, **kwargs):
-        def record(module, args, kwargs):
-            if len(prefills) == count:  # the draw's first forward: the prompts, as the model gets them
-                ids = kwargs["input_ids"]
-                prefills.extend(unpadded(ids, kwargs["attention_mask"][:, : ids.shape[1]]))
+    def sample(module, *args, **kwargs):
+        first = len(prefills)
 
-        count = len(prefills)
+        def record(_module, _args, inputs):  # the draw's first forward: the prompt ids, as the model gets them
+            if len(prefills) == first:
+                ids = inputs["input_ids"]
+                prefills.extend(unpadded(ids, inputs["attention_mask"][:, : ids.shape[1]]))
+
         handle = module.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            return real_sample(module, tokenizer, ids, mask, *args, **kwargs)
+            return real_sample(module, *args, **kwargs)
         finally:
             handle.remove()
 
