@@ -23,7 +23,6 @@ the session's cache once (`cached`) and trains J-BOND on the result.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -102,8 +101,10 @@ def _convert_into(gguf: Path, directory: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fastbond.embedded.reference import quiet_progress_bars, save_tokenizer
+
     started = time.perf_counter()
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
         # The loader marks the model quantized "with gguf", and save_pretrained refuses such a model; its
@@ -113,8 +114,7 @@ def _convert_into(gguf: Path, directory: Path) -> dict:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        _name_tokenizer_class(directory)
+        save_tokenizer(tokenizer, directory)
 
         saved_tokenizer = AutoTokenizer.from_pretrained(directory)
         saved = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -144,28 +144,6 @@ def _convert_into(gguf: Path, directory: Path) -> dict:
 def _rendered_ids(tokenizer) -> list[int]:
     return list(tokenizer.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
-
-
-def _name_tokenizer_class(directory: Path) -> None:
-    # transformers 5 records its own class name "TokenizersBackend"; the older alias loads the same
-    # tokenizer.json in transformers 4 and 5 (as the embedded model's tokenizer does).
-    path = directory / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,8 +207,8 @@ def cpu_threads(count: int = 1):
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars():
-    """Silence transformers' shard progress bars, noise for a 0.4 MB checkpoint; restore them after."""
+def quiet_progress_bars():
+    """Silence transformers' shard progress bars, noise for a small checkpoint; restore them after."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -220,7 +220,7 @@ def _quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _save_tokenizer(tokenizer, directory: Path) -> None:
+def save_tokenizer(tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
     # transformers 5 records its own class name "TokenizersBackend"; the older
     # alias loads the same tokenizer.json in both transformers 4 and 5.
@@ -256,9 +256,9 @@ def _build_into(directory: Path, seed: int, steps: int, batch_size: int, weights
     generation.pad_token_id = tokenizer.pad_token_id
     generation.do_sample, generation.top_k, generation.top_p = True, 0, 1.0
     generation.max_new_tokens = MAX_NEW_TOKENS
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(directory)
-    _save_tokenizer(tokenizer, directory)
+    save_tokenizer(tokenizer, directory)
 
     train, evaluation = prompt_splits(seed)
     write_prompts_jsonl(train, directory / TRAIN_PROMPTS_FILE)
@@ -339,6 +339,6 @@ def load_reference(path: str | Path, padding_side: str = "left"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
     return model, tokenizer
