@@ -11,6 +11,10 @@ Implementations (same inputs, per-token upstream gradient where the API allows):
   needs a C++ toolchain and minutes);
 * `chunked`    — backend="chunked" (fp32 GEMMs over vocabulary chunks);
 * `triton`     — backend="triton" (CUDA only here; CI runs it interpreted in tests);
+* `triton_filter` — the same with the backward's gradient filter (`filter=True`,
+  ε = 2⁻¹² in bf16): `bwd` and `fwdbwd` only (the forward is the same), and
+  its extra_info has `tiles_kept`, the share of 128×128 tiles of dz the
+  filter kept;
 * `liger`      — Liger-Kernel's fused linear cross-entropy, reduction="sum":
   it computes the gradients inside its forward and cannot take per-token
   weights, so its `bwd` is only a rescale — compare `fwdbwd`;
@@ -58,7 +62,7 @@ import pytest
 import torch
 
 from fastbond.kernels._backend import triton_available
-from fastbond.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
+from fastbond.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref, recording_tile_survival
 from lm_head_inputs import eps, honest_inputs, measure, random_inputs
 
 CUDA = torch.cuda.is_available()
@@ -68,7 +72,7 @@ IGNORE = -100
 
 HEADS = [("gemma-2b", 2048, 256000), ("gemma-7b", 3072, 256000), ("llama3-8b", 4096, 128256)] if CUDA else [("tiny", 64, 2048)]
 TOKENS = [4096, 16384] if CUDA else [256]
-IMPLS = ["reference", "compiled", "chunked", "triton", "liger", "cce", "cublas"]
+IMPLS = ["reference", "compiled", "chunked", "triton", "triton_filter", "liger", "cce", "cublas"]
 MODES = ["fwd", "bwd", "fwdbwd"]
 ROUNDS, WARMUP = (5, 1) if CUDA else (2, 1)
 FLOPS = {"fwd": 2, "bwd": 6, "fwdbwd": 8}  # × N·H·V, recompute design
@@ -84,8 +88,10 @@ def _sig(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def _skip_reason(impl: str):
-    if impl == "triton" and not (CUDA and triton_available()):
+def _skip_reason(impl: str, mode: str):
+    if impl == "triton_filter" and mode == "fwd":
+        return "the filter acts on the backward only: the forward is triton's"
+    if impl.startswith("triton") and not (CUDA and triton_available()):
         return "triton is benchmarked on CUDA only (tests run it interpreted)"
     if impl == "compiled" and not CUDA:
         return "torch.compile is benchmarked on CUDA only"
@@ -132,7 +138,9 @@ _COMPILED: dict = {}
 def _forward_fn(impl: str, x: dict):
     hidden, weight, targets = x["hidden"], x["weight"], x["targets"]
     if impl in ("reference", "chunked", "triton"):
-        return lambda: linear_logprobs(hidden, weight, targets, backend=impl)
+        return lambda: linear_logprobs(hidden, weight, targets, backend=impl, filter=False)
+    if impl == "triton_filter":
+        return lambda: linear_logprobs(hidden, weight, targets, backend="triton", filter=True)
     if impl == "compiled":
         if "fn" not in _COMPILED:
             _COMPILED["fn"] = torch.compile(linear_logprobs_ref)
@@ -239,14 +247,15 @@ CASES = [
 
 @pytest.mark.parametrize("head, h, v, n, kind, impl, mode", CASES)
 def test_bench_linear_logprobs(benchmark, head, h, v, n, kind, impl, mode):
-    reason = _skip_reason(impl)
+    reason = _skip_reason(impl, mode)
     if reason:
         pytest.skip(reason)
     x = _inputs(n, h, v, kind)
     target, setup = _timed_and_setup(impl, mode, x)
     try:  # untimed first call: compilation, autotuning, cuBLAS workspaces; OOM → skip
         args, kwargs = setup() if setup is not None else ((), {})
-        target(*args, **kwargs)
+        with recording_tile_survival() as survival:
+            target(*args, **kwargs)
         del args, kwargs
         peak = _peak_extra_bytes(target, setup)
     except torch.cuda.OutOfMemoryError:
@@ -263,6 +272,7 @@ def test_bench_linear_logprobs(benchmark, head, h, v, n, kind, impl, mode):
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         flops=FLOPS[mode] * nhv, gemm_flops=GEMM_FLOPS[mode] * nhv,
         peak_extra_MiB=None if peak is None else _sig(peak / 2**20),
+        tiles_kept=_sig(survival.fraction) if survival.counts else None,
     )
     if setup is not None:
         benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)

@@ -58,7 +58,8 @@ RECORD = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compi
 # Flags only the CPU interpreter sets: a CUDA launch always has them False.
 CPU_ONLY_FLAGS = frozenset({"INTERPRETED"})
 # Every module with a Triton kernel; each lists its launches in `cuda_launches(arch)`.
-KERNEL_MODULES = ("fastbond.kernels.linear_logprobs", "fastbond.kernels.jbond_loss", "fastbond.kernels.ema")
+KERNEL_MODULES = ("fastbond.kernels.linear_logprobs", "fastbond.kernels.live_tile_grads", "fastbond.kernels.jbond_loss",
+                  "fastbond.kernels.ema")
 
 
 @dataclass

@@ -77,13 +77,15 @@ from __future__ import annotations
 
 import functools
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from fastbond.kernels import tuning
+from fastbond.kernels import live_tile_grads, tuning
 from fastbond.kernels._backend import resolve_backend, triton_available
+from fastbond.kernels.live_tile_grads import FILTER_TILE, live_dz_t_x, live_dz_w
 
 __all__ = ["linear_logprobs", "linear_logprobs_ref", "resolve_linear_backend"]
 
@@ -155,6 +157,7 @@ class _Options:
     entropy: bool
     backend: str
     chunk_size: Optional[int]
+    filter_eps: Optional[float] = None  # the triton backward's gradient filter; None: exact
 
 
 def _merge_parts(part_lse: torch.Tensor, part_ent: Optional[torch.Tensor]):
@@ -436,6 +439,7 @@ if triton is not None:
         lse_ptr,  # [N] fp32 log-sum-exp from the forward
         g_ptr,  # [N] fp32 upstream gradient / T, 0 on ignored tokens
         dz_ptr,  # [N, >= v_hi − v_lo] dz for vocabulary columns [v_lo, v_hi), input dtype
+        alive_ptr,  # [⌈N/FILTER_TILE⌉, ⌈chunk/FILTER_TILE⌉] int32 tile flags, zeroed (unread without FILTER)
         N,
         H,
         v_lo,
@@ -443,17 +447,21 @@ if triton is not None:
         stride_x,
         stride_w,
         stride_dz,
+        stride_alive,
         inv_temp,
         inv_softcap,
         softcap_over_temp,
+        filter_eps,  # ε of the gradient filter
         arch,  # compute capability family: part of the autotune key only
         HAS_BIAS: tl.constexpr,
         SOFTCAP: tl.constexpr,
         EVEN_H: tl.constexpr,
+        FILTER: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_H: tl.constexpr,
         GROUP_N: tl.constexpr,
+        FILTER_TILE: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         INTERPRETED: tl.constexpr,
     ):
@@ -473,10 +481,16 @@ if triton is not None:
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
         s, th = _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP, INTERPRETED)
         p = tl.exp(s - lse[:, None])
-        onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-        dz = (onehot - p) * g[:, None]
+        dlogp = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p  # ∂logp/∂s
         if SOFTCAP:
-            dz = dz * (1.0 - th * th)
+            dlogp = dlogp * (1.0 - th * th)  # ∂logp/∂z · T
+        if FILTER:
+            # the tile lives if any |∂logp/∂z|·T on a row that carries gradient reaches ε; the
+            # flag's tile holds this program's, so programs sharing it only ever write 1
+            size = tl.where((g != 0.0)[:, None] & col_mask[None, :], tl.abs(dlogp), 0.0)
+            flag = (pid_n * BLOCK_N // FILTER_TILE) * stride_alive + pid_v * BLOCK_V // FILTER_TILE
+            tl.store(alive_ptr + flag, 1, mask=tl.max(tl.max(size, axis=1), axis=0) >= filter_eps)
+        dz = dlogp * g[:, None]
         if INTERPRETED:
             # the CPU interpreter truncates fp32 → bf16: round to nearest even, as the GPU does
             dz = cast_rtne(dz, dz_ptr.dtype.element_ty)
@@ -675,33 +689,95 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
         grad_h = torch.empty_like(hidden) if n_chunks == 1 else torch.zeros((n, h), dtype=torch.float32, device=device)
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
+    filtering = opts.filter_eps is not None
+    if filtering:  # per chunk, which FILTER_TILE² tiles of dz take part in the two GEMMs
+        alive = torch.empty((triton.cdiv(n, FILTER_TILE), triton.cdiv(chunk, FILTER_TILE)), dtype=torch.int32,
+                            device=device)
+        if need_h:  # the live-tile GEMM accumulates in fp32 even for one chunk
+            grad_h = torch.zeros((n, h), dtype=torch.float32, device=device)
     options = _launch_options(tiles, device)
     kernel = _dlogits_tuned if not options else _dlogits_kernel
     flags = _forward_flags(hidden.dtype, device, bias is not None, opts)
     del flags["ENTROPY"]
+    arch = _facts(device)[2]
     for v_lo in range(0, vocab, chunk):
         v_hi = min(vocab, v_lo + chunk)
+        if filtering:
+            alive.zero_()
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, g_scaled, dz_buf,
+            alive if filtering else dz_buf,
             n, h, v_lo, v_hi, hidden.stride(0), weight.stride(0), dz_buf.stride(0),
-            *_softcap_args(opts), _facts(device)[2],
-            GROUP_N=_DLOGITS_GROUP_N,
+            alive.stride(0) if filtering else 0,
+            *_softcap_args(opts), opts.filter_eps or 0.0, arch,
+            GROUP_N=_DLOGITS_GROUP_N, FILTER=filtering, FILTER_TILE=FILTER_TILE,
             **flags,
             **options,
         )
         dz = dz_buf[:, : v_hi - v_lo]  # [N, c], row stride `chunk`: cuBLAS takes it as is
-        if need_w:
-            torch.mm(dz.T, hidden, out=grad_w[v_lo:v_hi])  # complete rows: K = N in one GEMM
-        if need_h:
-            if n_chunks == 1:
-                torch.mm(dz, weight, out=grad_h)
-            else:
-                _accumulate_mm(grad_h, dz, weight[v_lo:v_hi])
-        if need_b:
+        if filtering:
+            if need_w:
+                live_dz_t_x(dz, hidden, alive, grad_w[v_lo:v_hi], arch, _live_tiles(tiles, device))
+            if need_h:
+                live_dz_w(dz, weight[v_lo:v_hi], alive, grad_h, arch, _live_tiles(tiles, device))
+            _count_live_tiles(alive, n, v_hi - v_lo)
+        else:
+            if need_w:
+                torch.mm(dz.T, hidden, out=grad_w[v_lo:v_hi])  # complete rows: K = N in one GEMM
+            if need_h:
+                if n_chunks == 1:
+                    torch.mm(dz, weight, out=grad_h)
+                else:
+                    _accumulate_mm(grad_h, dz, weight[v_lo:v_hi])
+        if need_b:  # the bias gradient stays exact: a column sum is cheap next to the GEMMs
             grad_b[v_lo:v_hi] = dz.sum(0, dtype=torch.float32)
     if need_h:
         grad_h = grad_h.to(hidden.dtype)
     return (grad_h if need_h else None), grad_w, grad_b
+
+
+def _live_tiles(tiles: Optional[tuning.Tiles], device: torch.device) -> Optional[tuning.Tiles]:
+    """A forced dlogits configuration (benchmarks, tests) leaves the live-tile GEMMs to their own tuning."""
+    return None if device.type == "cuda" else live_tile_grads.INTERPRETER_TILES
+
+
+# ----------------------------------------------------------------------------
+# how many tiles the gradient filter kept
+# ----------------------------------------------------------------------------
+
+_live_tile_counts: list = []
+
+
+class TileSurvival:
+    """Counts of the tiles the gradient filter kept, over the backward passes run inside
+    `recording_tile_survival()`; `fraction` syncs once, when read."""
+
+    def __init__(self):
+        self.counts: list[tuple[torch.Tensor, int]] = []
+
+    @property
+    def fraction(self) -> float:
+        if not self.counts:
+            raise ValueError("no filtered backward ran while recording")
+        return sum(int(live) for live, _ in self.counts) / sum(total for _, total in self.counts)
+
+
+@contextmanager
+def recording_tile_survival():
+    """Record the share of dz tiles that survive the gradient filter (benchmarks and tests)."""
+    record = TileSurvival()
+    _live_tile_counts.append(record)
+    try:
+        yield record
+    finally:
+        _live_tile_counts.remove(record)
+
+
+def _count_live_tiles(alive: torch.Tensor, n: int, columns: int) -> None:
+    if not _live_tile_counts:  # not recording: no reduction, no sync
+        return
+    rows, cols = triton.cdiv(n, FILTER_TILE), triton.cdiv(columns, FILTER_TILE)
+    _live_tile_counts[-1].counts.append((alive[:rows, :cols].sum(), rows * cols))
 
 
 # ----------------------------------------------------------------------------
@@ -723,22 +799,26 @@ def cuda_launches(arch: int):
         return
     kernels = (
         (_linear_logprobs_fwd_kernel, tuning.LINEAR_FORWARD_TILES, ("HAS_BIAS", "SOFTCAP", "ENTROPY", "EVEN_H")),
-        (_linear_logprobs_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, ("HAS_BIAS", "SOFTCAP", "EVEN_H")),
+        (_linear_logprobs_dlogits_kernel, tuning.LINEAR_DLOGITS_TILES, ("HAS_BIAS", "SOFTCAP", "EVEN_H", "FILTER")),
     )
     for kernel, table, flag_names in kernels:
         for dtype, width, precision in _CUDA_OPERANDS:
             for rank, tiles in enumerate(tuning.candidates(table, arch, tuning.operand_kind(width, precision))):
                 for flags in itertools.product((True, False), repeat=len(flag_names)):
                     flag = dict(zip(flag_names, flags))
+                    if flag.get("FILTER") and width == 4:  # fp32 is never filtered (`_filter_eps`)
+                        continue
                     bias_dtypes = (dtype, "fp32") if flag["HAS_BIAS"] and dtype != "fp32" else (dtype,)
                     for bias_dtype in bias_dtypes:
-                        heavy = all(v for k, v in flag.items() if k != "EVEN_H") and bias_dtype == dtype
+                        heavy = all(v for k, v in flag.items()
+                                    if k != "EVEN_H" and not (k == "FILTER" and width == 4)) and bias_dtype == dtype
                         representative = (heavy and (rank == 0 or not flag["EVEN_H"])
                                           or not any(flags) and rank == 0 and dtype == "bf16")
                         types = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "dz_ptr")}
                         types.update(b_ptr=f"*{bias_dtype}", t_ptr="*i64", lse_part_ptr="*fp32",
                                      ent_part_ptr="*fp32", tgt_ptr="*fp32", lse_ptr="*fp32", g_ptr="*fp32",
-                                     inv_temp="fp32", inv_softcap="fp32", softcap_over_temp="fp32")
+                                     alive_ptr="*i32", inv_temp="fp32", inv_softcap="fp32",
+                                     softcap_over_temp="fp32", filter_eps="fp32")
                         signature = tuning.runtime_signature(kernel, types)
                         # pointers come 16-byte aligned; H (ragged or not: CUDA launches need
                         # H % 16 == 0), V, strides and spans are multiples of 16
@@ -746,7 +826,7 @@ def cuda_launches(arch: int):
                         aligned |= {"H", "V", "stride_x", "stride_w", "span", "v_lo", "stride_dz"} & set(signature)
                         constexprs = dict(flag, **tiles.constexprs(), INPUT_PRECISION=precision, INTERPRETED=False)
                         if "GROUP_N" in kernel.arg_names:
-                            constexprs["GROUP_N"] = _DLOGITS_GROUP_N
+                            constexprs.update(GROUP_N=_DLOGITS_GROUP_N, FILTER_TILE=FILTER_TILE)
                         label = (f"{dtype}{'/' + precision if precision else ''} {tiles} "
                                  + " ".join(k.lower() for k, v in flag.items() if v)
                                  + (f" bias:{bias_dtype}" if bias_dtype != dtype else ""))
@@ -830,6 +910,24 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, chunk_siz
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+# Off by measurement: on a trained model's head (SmolLM2-135M-Instruct) 96% of the 128×128 tiles
+# of |softmax − onehot| reach bf16's ε (89% in mean-logit order), and the honest inputs of
+# `benchmarks/lm_head_inputs.py` keep 98%, so the filter can skip at most a few % of the GEMMs
+# while making the gradient inexact; it pays on near-uniform softmaxes (random weights keep 8%).
+FILTER_BY_DEFAULT = False
+
+
+def _filter_eps(filter: Optional[bool], filter_eps: Optional[float], dtype: torch.dtype, backend: str):
+    """ε of the gradient filter, or None for the exact backward."""
+    if filter_eps is not None and not filter_eps > 0:
+        raise ValueError(f"filter_eps must be > 0, got {filter_eps}")
+    if filter is None:
+        filter = FILTER_BY_DEFAULT
+    if not filter or backend != "triton" or dtype == torch.float32:
+        return None
+    return float(filter_eps) if filter_eps is not None else torch.finfo(dtype).eps / 32
+
+
 def resolve_linear_backend(backend: str, hidden: torch.Tensor) -> str:
     """The concrete backend for the LM-head op: as `resolve_backend`, except that on CUDA `auto`
     keeps on `chunked` (cuBLAS GEMMs)
@@ -860,6 +958,8 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    filter: Optional[bool] = None,
+    filter_eps: Optional[float] = None,
 ):
     """Log-probs [N] (fp32) of `targets` under log_softmax(softcap(hidden·Wᵀ + b) / T).
 
@@ -875,6 +975,15 @@ def linear_logprobs(
     tf32x3). chunk_size: vocabulary columns per chunk for chunked/triton
     (default: sized from N so one [N, chunk] buffer stays bounded).
     Differentiable w.r.t. hidden, weight and bias.
+
+    filter: the triton backward's gradient filter (16-bit inputs): a 128×128
+    tile of dz whose every |∂logp/∂z|·T (on rows with a non-zero upstream
+    gradient) is below filter_eps skips both gradient GEMMs; the error this
+    can make is bounded in SPEC §8. filter_eps defaults to the dtype's
+    machine epsilon / 32 (2⁻¹² for bf16, 2⁻¹⁵ for fp16, as CCE). None takes
+    `FILTER_BY_DEFAULT`; False is the exact backward. fp32 inputs and the
+    other backends always run exact (fp32's ε is below its GEMMs' rounding;
+    dense GEMMs gain nothing from skipping).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, chunk_size)
     backend = resolve_linear_backend(backend, hidden)
@@ -896,10 +1005,10 @@ def linear_logprobs(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     targets = targets.to(torch.int64).contiguous()
-    opts = _Options(float(temperature), softcap, int(ignore_index), bool(return_entropy), backend, chunk_size)
-
     if hidden.shape[0] == 0 and backend == "triton":  # no empty grid
-        opts = _Options(opts.temperature, softcap, opts.ignore_index, opts.entropy, "chunked", chunk_size)
+        backend = "chunked"
+    eps = _filter_eps(filter, filter_eps, hidden.dtype, backend)
+    opts = _Options(float(temperature), softcap, int(ignore_index), bool(return_entropy), backend, chunk_size, eps)
 
     inputs = (hidden, weight) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

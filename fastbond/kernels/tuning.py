@@ -92,6 +92,19 @@ LINEAR_DLOGITS_TILES = {
     (90, "tf32x3"): (T(64, 128, 32, 4, 3),),
     (80, "tf32x3"): (T(64, 64, 32, 8, 4), T(128, 64, 32, 8, 3)),
 }
+# The gradient filter's GEMMs over live tiles (`fastbond.kernels.live_tile_grads`), 16-bit operands only.
+# Tiles as above: BLOCK_N tokens × BLOCK_V vocabulary columns, BLOCK_H hidden columns of the output; the
+# token and vocabulary steps divide the filter's 128 × 128 tile, so a flag covers whole steps.
+# grad_W = dzᵀ·X: [BLOCK_V × BLOCK_H] outputs, the token dimension in steps of BLOCK_N.
+LIVE_DZ_T_X_TILES = {
+    (90, "16-bit"): (T(64, 128, 128, 8, 3), T(64, 128, 64, 4, 3)),
+    (80, "16-bit"): (T(64, 128, 128, 8, 3), T(64, 128, 64, 4, 3)),
+}
+# grad_h += dz·W: [BLOCK_N × BLOCK_H] outputs, the vocabulary in steps of BLOCK_V.
+LIVE_DZ_W_TILES = {
+    (90, "16-bit"): (T(128, 64, 128, 8, 3), T(128, 64, 64, 4, 3)),
+    (80, "16-bit"): (T(128, 64, 128, 8, 3), T(128, 64, 64, 4, 3)),
+}
 del T
 
 
@@ -150,8 +163,11 @@ def _accepts_cache_results() -> bool:
     return "cache_results" in inspect.signature(triton.autotune).parameters
 
 
-def autotuned(kernel, table: dict, key: list[str], operand_of: Callable[[dict], Any], do_bench=None):
+def autotuned(kernel, table: dict, key: list[str], operand_of: Callable[[dict], Any], do_bench=None,
+              restore: tuple[str, ...] = ()):
     """`kernel` under triton.autotune over every candidate of `table`, pruned per launch.
+
+    `restore`: output arguments the kernel reads back (accumulators), put back after every timed trial.
 
     A launch keeps the candidates of its device's architecture family and
     operand width that fit the device's per-block shared memory (sm_86/89
@@ -179,6 +195,8 @@ def autotuned(kernel, table: dict, key: list[str], operand_of: Callable[[dict], 
                 if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_H"], c.num_warps, c.num_stages) in wanted]
 
     extra = {"cache_results": True} if _accepts_cache_results() else {}
+    if restore:
+        extra["restore_value"] = list(restore)
     if do_bench is not None:  # tests time candidates without a GPU
         extra["do_bench"] = do_bench
     return triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": prune}, **extra)(kernel)
