@@ -313,6 +313,7 @@ def jbond_linear_loss(
     chunk_size: Optional[int] = None,
     return_entropy: bool = False,
     batch_sum: Optional[BatchSum] = None,
+    filter: Optional[bool] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """J-BOND surrogate loss (SPEC §5 step 6) from final hidden states, never holding [N, V] logits.
 
@@ -337,6 +338,7 @@ def jbond_linear_loss(
         batch_sum: these sequences are one rank's share of a larger batch; a function summing a
             tensor over every share (e.g. an all-reduce). The leave-one-out baseline is then the
             whole batch's, as in `jbond_loss`; the metrics stay the share's.
+        filter: linear_logprobs' gradient filter (triton, 16-bit; docs/kernels.md); None: its default (off).
     Returns:
         (loss, metrics): an fp32 scalar to minimize, and the detached scalars of
         `fastbond.kernels.jbond_loss.jbond_loss` under the same keys.
@@ -362,7 +364,7 @@ def jbond_linear_loss(
     hidden = torch.cat([policy_hidden, best_hidden])  # [N_p + N_b, H]
     targets = torch.cat([policy_targets.to(torch.int64), best_targets.to(torch.int64)])  # [N_p + N_b]
     out = linear_logprobs(hidden, weight, targets, backend=backend, chunk_size=chunk_size,
-                          return_entropy=return_entropy, **common)
+                          return_entropy=return_entropy, filter=filter, **common)
     logp, entropy = out if return_entropy else (out, None)  # [N_p + N_b] fp32
 
     # O(N) glue: packed fp32 log-probs → padded [B, T] rows for the fused head

@@ -67,6 +67,13 @@ Backends (one signature):
              two gradient GEMMs then run on cuBLAS (torch.mm), which is faster
              than atomics-based fused accumulation and deterministic.
 
+Gradient filter (`filter=True`, triton with 16-bit inputs; off by default):
+the dlogits kernel also flags each 128×128 tile of dz holding some
+|∂logp/∂z|·T ≥ ε on a row with g_i ≠ 0, and the two gradient GEMMs run as
+Triton GEMMs over the flagged tiles only (`live_tile_grads.py`). A skipped
+tile changes ∂h_i by at most (|g_i|/T)·Σ_v d_iv|W_v| and ∂W_v by at most
+(1/T)·Σ_i |g_i| d_iv |h_i| over its entries, each d_iv < ε (docs/kernels.md).
+
 All backends take fp32, bf16 and fp16 inputs, return fp32 log-probs and give
 gradients in the inputs' dtypes. The no-grad path (torch.is_grad_enabled()
 false, or nothing requires grad) runs the forward only: one logits GEMM, no

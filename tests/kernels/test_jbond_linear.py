@@ -608,3 +608,19 @@ def test_cuda_bf16_real_shape_and_reproducible():
     assert torch.equal(again[0], got[0])
     for name in got[2]:
         assert torch.equal(again[2][name], got[2][name]), name
+
+
+@needs_triton
+def test_the_gradient_filter_reaches_linear_logprobs():
+    """jbond_linear_loss(filter=...) is the LM-head backward's filter: on, its tiles are counted; off, exact."""
+    case = make_case(dtype=torch.bfloat16)
+    with lin.recording_tile_survival() as survival:
+        _, _, exact = fused(case, 0.5, 0.1, backend="triton", filter=False)
+    assert survival.counts == []
+    with lin.recording_tile_survival() as survival:
+        _, _, filtered = fused(case, 0.5, 0.1, backend="triton", filter=True)
+    assert survival.counts
+    # every tile holds a target here (V = 1031), so nothing is skipped and the gradients agree closely
+    assert survival.fraction == 1.0
+    for name, grad in exact.items():
+        torch.testing.assert_close(filtered[name].float(), grad.float(), rtol=2**-7, atol=1e-5)
