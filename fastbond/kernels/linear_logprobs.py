@@ -447,6 +447,7 @@ if triton is not None:
         g_ptr,  # [N] fp32 upstream gradient / T, 0 on ignored tokens
         dz_ptr,  # [N, >= v_hi − v_lo] dz for vocabulary columns [v_lo, v_hi), input dtype
         alive_ptr,  # [⌈N/FILTER_TILE⌉, ⌈chunk/FILTER_TILE⌉] int32 tile flags, zeroed (unread without FILTER)
+        order_ptr,  # [V] int32 vocabulary ids by descending mean logit: column c is id order[c] (FILTER only)
         N,
         H,
         v_lo,
@@ -479,8 +480,12 @@ if triton is not None:
         cols = v_lo + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_mask = rows < N
         col_mask = cols < v_hi
+        if FILTER:  # columns in mean-logit order, so the probability mass shares tiles
+            ids = tl.load(order_ptr + cols, mask=col_mask, other=0).to(tl.int64)
+        else:
+            ids = cols
         z = _raw_logits_tile(
-            x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, stride_x, stride_w,
+            x_ptr, w_ptr, b_ptr, rows, ids, row_mask, col_mask, H, stride_x, stride_w,
             HAS_BIAS, EVEN_H, BLOCK_N, BLOCK_V, BLOCK_H, INPUT_PRECISION, INTERPRETED,
         )
         tgt = tl.load(t_ptr + rows, mask=row_mask, other=-1)
@@ -488,7 +493,7 @@ if triton is not None:
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
         s, th = _scaled_logits(z, inv_temp, inv_softcap, softcap_over_temp, SOFTCAP, INTERPRETED)
         p = tl.exp(s - lse[:, None])
-        dlogp = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p  # ∂logp/∂s
+        dlogp = tl.where(ids[None, :] == tgt[:, None], 1.0, 0.0) - p  # ∂logp/∂s
         if SOFTCAP:
             dlogp = dlogp * (1.0 - th * th)  # ∂logp/∂z · T
         if FILTER:
@@ -700,6 +705,7 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
     if filtering:  # per chunk, which FILTER_TILE² tiles of dz take part in the two GEMMs
         alive = torch.empty((triton.cdiv(n, FILTER_TILE), triton.cdiv(chunk, FILTER_TILE)), dtype=torch.int32,
                             device=device)
+        order = mean_logit_order(hidden, weight, bias)
         if need_h:  # the live-tile GEMM accumulates in fp32 even for one chunk
             grad_h = torch.zeros((n, h), dtype=torch.float32, device=device)
     options = _launch_options(tiles, device)
@@ -713,7 +719,7 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
             alive.zero_()
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, g_scaled, dz_buf,
-            alive if filtering else dz_buf,
+            alive if filtering else dz_buf, order if filtering else dz_buf,
             n, h, v_lo, v_hi, hidden.stride(0), weight.stride(0), dz_buf.stride(0),
             alive.stride(0) if filtering else 0,
             *_softcap_args(opts), opts.filter_eps or 0.0, arch,
@@ -722,25 +728,38 @@ def _triton_backward(hidden, weight, bias, targets, valid, lse, g, opts: _Option
             **options,
         )
         dz = dz_buf[:, : v_hi - v_lo]  # [N, c], row stride `chunk`: cuBLAS takes it as is
-        if filtering:
+        if filtering:  # dz's columns are the ids order[v_lo:v_hi]
+            ids = order[v_lo:v_hi]
             if need_w:
-                live_dz_t_x(dz, hidden, alive, grad_w[v_lo:v_hi], arch, _live_tiles(tiles, device))
+                live_dz_t_x(dz, hidden, alive, ids, grad_w, arch, _live_tiles(tiles, device))
             if need_h:
-                live_dz_w(dz, weight[v_lo:v_hi], alive, grad_h, arch, _live_tiles(tiles, device))
+                live_dz_w(dz, weight, alive, ids, grad_h, arch, _live_tiles(tiles, device))
+            if need_b:  # the bias gradient stays exact: a column sum is cheap next to the GEMMs
+                grad_b[ids.long()] = dz.sum(0, dtype=torch.float32).to(grad_b.dtype)
             _count_live_tiles(alive, n, v_hi - v_lo)
-        else:
-            if need_w:
-                torch.mm(dz.T, hidden, out=grad_w[v_lo:v_hi])  # complete rows: K = N in one GEMM
-            if need_h:
-                if n_chunks == 1:
-                    torch.mm(dz, weight, out=grad_h)
-                else:
-                    _accumulate_mm(grad_h, dz, weight[v_lo:v_hi])
-        if need_b:  # the bias gradient stays exact: a column sum is cheap next to the GEMMs
+            continue
+        if need_w:
+            torch.mm(dz.T, hidden, out=grad_w[v_lo:v_hi])  # complete rows: K = N in one GEMM
+        if need_h:
+            if n_chunks == 1:
+                torch.mm(dz, weight, out=grad_h)
+            else:
+                _accumulate_mm(grad_h, dz, weight[v_lo:v_hi])
+        if need_b:
             grad_b[v_lo:v_hi] = dz.sum(0, dtype=torch.float32)
     if need_h:
         grad_h = grad_h.to(hidden.dtype)
     return (grad_h if need_h else None), grad_w, grad_b
+
+
+def mean_logit_order(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Vocabulary ids [V] (int32) by descending mean logit over the tokens, W·h̄ + b: the filtered
+    backward's column order (CCE's), which gathers each row's probability mass into fewer tiles.
+    One matrix-vector product: the mean of the logits is the logit of the mean hidden state."""
+    mean_logit = torch.mv(weight, hidden.float().mean(0).to(weight.dtype)).float()
+    if bias is not None:
+        mean_logit += bias.float()
+    return torch.argsort(mean_logit, descending=True).to(torch.int32)
 
 
 def _live_tiles(tiles: Optional[tuning.Tiles], device: torch.device) -> Optional[tuning.Tiles]:
@@ -824,7 +843,7 @@ def cuda_launches(arch: int):
                         types = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "dz_ptr")}
                         types.update(b_ptr=f"*{bias_dtype}", t_ptr="*i64", lse_part_ptr="*fp32",
                                      ent_part_ptr="*fp32", tgt_ptr="*fp32", lse_ptr="*fp32", g_ptr="*fp32",
-                                     alive_ptr="*i32", inv_temp="fp32", inv_softcap="fp32",
+                                     alive_ptr="*i32", order_ptr="*i32", inv_temp="fp32", inv_softcap="fp32",
                                      softcap_over_temp="fp32", filter_eps="fp32")
                         signature = tuning.runtime_signature(kernel, types)
                         # pointers come 16-byte aligned; H (ragged or not: CUDA launches need

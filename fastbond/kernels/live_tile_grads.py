@@ -1,8 +1,9 @@
 """The LM-head backward's two gradient GEMMs over the live tiles of dz only.
 
-    grad_W[chunk] = dzᵀ · X        grad_h += dz · W[chunk]
+    grad_W[ids] = dzᵀ · X        grad_h += dz · W[ids]
 
-with dz the [N, chunk] buffer the dlogits kernel wrote and `alive`
+with dz the [N, chunk] buffer the dlogits kernel wrote, `ids` the vocabulary
+ids of its columns (the chunk's slice of the mean-logit order), and `alive`
 [⌈N/FILTER_TILE⌉, ⌈chunk/FILTER_TILE⌉] its flags: a FILTER_TILE × FILTER_TILE
 tile of dz takes part only when the dlogits kernel found some |∂logp/∂z| in it
 (on a row with a non-zero upstream gradient) at or above ε. Every other tile's
@@ -55,7 +56,8 @@ if triton is not None:
         dz_ptr,  # [N, C] dz of one vocabulary chunk
         x_ptr,  # [N, H] hidden states
         alive_ptr,  # [⌈N/FILTER_TILE⌉, ⌈C/FILTER_TILE⌉] int32 flags
-        out_ptr,  # [C, H] the chunk's rows of grad_W
+        ids_ptr,  # [C] int32 the vocabulary id of each column of dz
+        out_ptr,  # [V, H] grad_W: rows ids[c] are written
         N,
         C,
         H,
@@ -91,7 +93,8 @@ if triton is not None:
                     dz = dz.to(tl.float32)
                     x = x.to(tl.float32)
                 acc = tl.dot(tl.trans(dz), x, acc)
-        out_ptrs = out_ptr + cols[:, None] * stride_out + hs[None, :]
+        rows_out = tl.load(ids_ptr + cols, mask=col_mask, other=0).to(tl.int64)
+        out_ptrs = out_ptr + rows_out[:, None] * stride_out + hs[None, :]
         mask = col_mask[:, None] & h_mask[None, :]
         if INTERPRETED:
             tl.store(out_ptrs, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask)
@@ -101,8 +104,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["arch"])
     def _live_dz_w_kernel(
         dz_ptr,  # [N, C] dz of one vocabulary chunk
-        w_ptr,  # [C, H] the chunk's rows of the LM head
+        w_ptr,  # [V, H] the LM head: rows ids[c] are read
         alive_ptr,  # [⌈N/FILTER_TILE⌉, ⌈C/FILTER_TILE⌉] int32 flags
+        ids_ptr,  # [C] int32 the vocabulary id of each column of dz
         acc_ptr,  # [N, H] fp32 grad_h, accumulated across chunks
         N,
         C,
@@ -133,7 +137,8 @@ if triton is not None:
                 col_mask = cols < C
                 dz = tl.load(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
                              mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + cols[:, None] * stride_w + hs[None, :],
+                ids = tl.load(ids_ptr + cols, mask=col_mask, other=0).to(tl.int64)
+                w = tl.load(w_ptr + ids[:, None] * stride_w + hs[None, :],
                             mask=col_mask[:, None] & h_mask[None, :], other=0.0)
                 if INTERPRETED:
                     dz = dz.to(tl.float32)
@@ -161,22 +166,22 @@ def _launch(tuned, kernel, grid_rows: int, h: int, device: torch.device, tiles, 
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **tiles.constexprs())
 
 
-def live_dz_t_x(dz: torch.Tensor, hidden: torch.Tensor, alive: torch.Tensor, out: torch.Tensor, arch: int,
-                tiles=None) -> None:
-    """out [C, H] = dzᵀ · hidden over the live tiles of dz [N, C] (out in the weight's dtype, written whole)."""
+def live_dz_t_x(dz: torch.Tensor, hidden: torch.Tensor, alive: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
+                arch: int, tiles=None) -> None:
+    """out[ids] = dzᵀ · hidden over the live tiles of dz [N, C]: C whole rows of out [V, H] (the weight's dtype)."""
     n, c = dz.shape
     h = hidden.shape[1]
     _launch(_dz_t_x_tuned, _live_dz_t_x_kernel, c, h, dz.device, tiles, arch,
-            dz, hidden, alive, out, n, c, h, dz.stride(0), hidden.stride(0), out.stride(0), alive.stride(0))
+            dz, hidden, alive, ids, out, n, c, h, dz.stride(0), hidden.stride(0), out.stride(0), alive.stride(0))
 
 
-def live_dz_w(dz: torch.Tensor, weight: torch.Tensor, alive: torch.Tensor, acc: torch.Tensor, arch: int,
-              tiles=None) -> None:
-    """acc [N, H] (fp32) += dz · weight over the live tiles of dz [N, C]; weight is the chunk's [C, H] rows."""
+def live_dz_w(dz: torch.Tensor, weight: torch.Tensor, alive: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor,
+              arch: int, tiles=None) -> None:
+    """acc [N, H] (fp32) += dz · weight[ids] over the live tiles of dz [N, C]."""
     n, c = dz.shape
     h = weight.shape[1]
     _launch(_dz_w_tuned, _live_dz_w_kernel, n, h, dz.device, tiles, arch,
-            dz, weight, alive, acc, n, c, h, dz.stride(0), weight.stride(0), acc.stride(0), alive.stride(0))
+            dz, weight, alive, ids, acc, n, c, h, dz.stride(0), weight.stride(0), acc.stride(0), alive.stride(0))
 
 
 # The dimension each kernel's grid rows cover.
@@ -191,7 +196,7 @@ def cuda_launches(arch: int):
                (_live_dz_w_kernel, tuning.LIVE_DZ_W_TILES, "w_ptr", "acc_ptr"))
     for (kernel, table, operand, out), dtype in itertools.product(kernels, ("bf16", "fp16")):
         for rank, tiles in enumerate(tuning.candidates(table, arch, "16-bit")):
-            types = {"dz_ptr": f"*{dtype}", operand: f"*{dtype}", "alive_ptr": "*i32",
+            types = {"dz_ptr": f"*{dtype}", operand: f"*{dtype}", "alive_ptr": "*i32", "ids_ptr": "*i32",
                      out: f"*{dtype}" if out == "out_ptr" else "*fp32"}
             signature = tuning.runtime_signature(kernel, types)
             aligned = {name for name, kind in signature.items() if kind.startswith("*")}

@@ -18,6 +18,8 @@ checks that the filter did skip tiles, so the bound is never tested vacuously.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -30,6 +32,7 @@ from fastbond.kernels.linear_logprobs import (
 from fastbond.kernels.live_tile_grads import FILTER_TILE, INTERPRETER_TILES
 from tests.kernels.test_linear_logprobs import DEVICE, IGNORE, needs_triton
 
+op = importlib.import_module("fastbond.kernels.linear_logprobs")  # the module, whatever __init__ re-exports
 pytestmark = needs_triton
 
 LOW = [torch.bfloat16, torch.float16]
@@ -66,18 +69,20 @@ def filter_case(kind: str, dtype, n=150, h=48, v=None, seed=0):
     return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), grad_out.to(DEVICE)
 
 
-def grads(hidden, weight, targets, grad_out, fn=linear_logprobs, dtype=None, **kwargs):
+def grads(hidden, weight, targets, grad_out, fn=linear_logprobs, dtype=None, bias=None, **kwargs):
+    """(grad_hidden, grad_weight[, grad_bias]) of Σ grad_out · logp."""
     h = hidden.detach().to(dtype or hidden.dtype).requires_grad_()
     w = weight.detach().to(dtype or weight.dtype).requires_grad_()
-    logp = fn(h, w, targets, **kwargs)
+    b = bias.detach().to(dtype or bias.dtype).requires_grad_() if bias is not None else None
+    logp = fn(h, w, targets, bias=b, **kwargs)
     (logp * grad_out.to(logp.dtype)).sum().backward()
-    return h.grad, w.grad
+    return (h.grad, w.grad) + ((b.grad,) if b is not None else ())
 
 
-def bound(hidden, weight, targets, grad_out, eps, temperature=1.0, softcap=None):
+def bound(hidden, weight, targets, grad_out, eps, temperature=1.0, softcap=None, bias=None):
     """The error the filter may make (module docstring), from fp64 |∂logp/∂z|·T below ε."""
     h64, w64 = hidden.double(), weight.double()
-    z = h64 @ w64.T
+    z = h64 @ w64.T + (bias.double() if bias is not None else 0.0)
     c = softcap * torch.tanh(z / softcap) if softcap is not None else z
     p = torch.softmax(c / temperature, dim=-1)
     valid = targets != IGNORE
@@ -104,7 +109,8 @@ def assert_within_bound(name, filtered, exact, truth, allowed, dtype):
 CASES = {
     "peaked": dict(kind="peaked", kwargs={}),
     "flat": dict(kind="flat", kwargs={}),
-    "capped": dict(kind="peaked", kwargs=dict(temperature=0.8, softcap=50.0), chunks=512),
+    # a soft-capped head with T ≠ 1, a bias, and several vocabulary chunks
+    "capped": dict(kind="peaked", kwargs=dict(temperature=0.8, softcap=50.0), chunks=512, bias=True),
 }
 
 
@@ -116,6 +122,9 @@ def test_filtered_gradients_stay_within_the_bound_of_fp64(case, dtype):
     kwargs = dict(spec["kwargs"])
     # the flat case's probabilities (≈ 1/1400) sit above bf16's 2⁻¹²: its ε is raised so tiles die
     eps = 2e-3 if spec["kind"] == "flat" else torch.finfo(dtype).eps / 32
+    if spec.get("bias"):
+        kwargs["bias"] = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) * 0.5).to(
+            dtype=dtype, device=DEVICE)
     truth = grads(hidden, weight, targets, grad_out, fn=linear_logprobs_ref, dtype=torch.float64, **kwargs)
     kwargs.update(backend="triton", chunk_size=spec.get("chunks"))
     exact = grads(hidden, weight, targets, grad_out, filter=False, **kwargs)
@@ -123,9 +132,11 @@ def test_filtered_gradients_stay_within_the_bound_of_fp64(case, dtype):
         filtered = grads(hidden, weight, targets, grad_out, filter=True, filter_eps=eps, **kwargs)
     assert 0.0 < survival.fraction < 1.0, f"the filter skipped {1 - survival.fraction:.0%} of the tiles"
     allowed_h, allowed_w = bound(hidden, weight, targets, grad_out, eps, kwargs.get("temperature", 1.0),
-                                 kwargs.get("softcap"))
+                                 kwargs.get("softcap"), kwargs.get("bias"))
     assert_within_bound("grad_hidden", filtered[0], exact[0], truth[0], allowed_h, dtype)
     assert_within_bound("grad_weight", filtered[1], exact[1], truth[1], allowed_w, dtype)
+    if "bias" in kwargs:  # not filtered: the exact column sums, in the order's places
+        assert_within_bound("grad_bias", filtered[2], exact[2], truth[2], torch.zeros_like(truth[2]), dtype)
     # and the filter did change something: the bound is not met by an untouched exact backward
     assert not torch.equal(filtered[1], exact[1])
 
@@ -180,3 +191,36 @@ def test_every_tile_that_can_write_a_flag_lies_inside_one():
     every = [t for table in tables for (_, kind), group in table.items() if kind == "16-bit" for t in group]
     for tiles in every + [INTERPRETER_TILES]:
         assert FILTER_TILE % tiles.block_n == 0 and FILTER_TILE % tiles.block_v == 0, tiles
+
+
+def test_the_mean_logit_order_gathers_the_mass_into_fewer_tiles(monkeypatch):
+    """100 ids scattered over the vocabulary hold nearly all of every row's mass: in id order they touch
+    most column tiles, in mean-logit order one or two; the gradients are within the bound either way."""
+    n, h, v = 128, 32, 3000
+    gen = torch.Generator().manual_seed(3)
+    popular = torch.randperm(v, generator=gen)[:100]
+    direction = torch.randn(h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (1.0 / h**0.5)
+    weight[popular] += 2.0 * direction / direction.norm()
+    hidden = 4.0 * direction / direction.norm() + 0.3 * torch.randn(n, h, generator=gen)
+    hidden, weight = hidden.to(DEVICE, torch.bfloat16), weight.to(DEVICE, torch.bfloat16)
+    targets = popular[torch.randint(0, 100, (n,), generator=gen)].to(DEVICE)
+    grad_out = torch.randn(n, generator=gen).to(DEVICE)
+    order = op.mean_logit_order(hidden, weight, None)
+    mean_logit = (hidden.double() @ weight.double().T).mean(0)
+    assert set(order[:100].tolist()) == set(popular.tolist())  # the popular ids lead the order
+    assert bool((mean_logit[order.long()].diff() <= 0.07).all())  # descending, to bf16's rounding near 10
+
+    with recording_tile_survival() as sorted_survival:
+        ordered = grads(hidden, weight, targets, grad_out, backend="triton", filter=True)
+    identity = torch.arange(v, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(op, "mean_logit_order", lambda *args: identity)
+    with recording_tile_survival() as id_survival:
+        unordered = grads(hidden, weight, targets, grad_out, backend="triton", filter=True)
+    assert sorted_survival.fraction <= 2 / 24 < 0.5 < id_survival.fraction
+    exact = grads(hidden, weight, targets, grad_out, backend="triton", filter=False)
+    truth = grads(hidden, weight, targets, grad_out, fn=linear_logprobs_ref, dtype=torch.float64)
+    allowed = bound(hidden, weight, targets, grad_out, torch.finfo(torch.bfloat16).eps / 32)
+    for got in (ordered, unordered):
+        assert_within_bound("grad_hidden", got[0], exact[0], truth[0], allowed[0], torch.bfloat16)
+        assert_within_bound("grad_weight", got[1], exact[1], truth[1], allowed[1], torch.bfloat16)
