@@ -117,3 +117,82 @@ def test_resume_after_a_rescued_failure_is_bit_identical(capsys, tmp_path, monke
     expected = load_file(str(straight / "policy" / "model.safetensors"))
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
     assert _metrics(run_dir) == _metrics(straight)
+
+
+def test_a_mistake_in_a_later_step_is_one_line_and_saves_the_last_completed_step(capsys, tmp_path, monkeypatch,
+                                                                                 embedded_reference):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = next(_module_names)
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""\
+        from fastbond.rewards import sentiment
+        calls = 0
+
+        def score(prompts, responses):
+            global calls
+            calls += 1
+            return sentiment(prompts, responses)[: 1 if calls == 3 else None]
+        """))
+    run_dir = tmp_path / "run"
+    status = main(["train", *_base(tmp_path, "jbond"), f"run_dir={run_dir}", f"reward.name={name}:score"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"fastbond train: error: reward function {name}:score returned shape (1,), "
+                                           "expected (8,); saved the last completed step as")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+# ---------------------------------------------------------------------------
+# what each rank shows of a failure agreed on (fastbond.train._stopped), and how the CLI shows it
+
+
+def _rank(rank: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(step=2, engine=SimpleNamespace(rank=rank, main=rank == 0))
+
+
+def _agreed(error: Exception, failed_rank: int):
+    try:
+        raise error
+    except Exception as raised:
+        return failures.RolloutFailed(failures.Failure.of(raised, failed_rank), None)
+
+
+def test_only_the_main_rank_shows_a_failure_agreed_on_and_every_rank_has_its_status():
+    from fastbond.errors import ShownByMainRank, StepFailed
+    from fastbond.train import _stopped
+
+    user_code = _agreed(UserCodeError("reward function m:f raised RuntimeError: kaboom"), failed_rank=1)
+    shown = _stopped(_rank(0), user_code, "saved the last completed step as X")
+    assert isinstance(shown, StepFailed) and shown.where == " on rank 1"
+    assert "UserCodeError: reward function m:f raised RuntimeError: kaboom" in shown.trace
+    silent = _stopped(_rank(1), user_code, "saved")
+    assert isinstance(silent, ShownByMainRank) and silent.status == 1
+
+    mistake = _agreed(FastbondError("reward function m:f returned shape (1,), expected (2,)"), failed_rank=1)
+    shown = _stopped(_rank(0), mistake, "saved the last completed step as X")
+    assert isinstance(shown, FastbondError)
+    assert str(shown) == "on rank 1: reward function m:f returned shape (1,), expected (2,); saved the last " \
+                         "completed step as X"
+    assert _stopped(_rank(1), mistake, "saved").status == 2
+    own = _stopped(_rank(0), _agreed(FastbondError("bad"), failed_rank=0), "saved")
+    assert str(own) == "bad; saved"  # one process, or the main rank's own: as before
+
+
+def test_the_cli_shows_another_ranks_traceback_and_stays_silent_on_the_others(capsys, monkeypatch):
+    from fastbond import cli
+    from fastbond.errors import ShownByMainRank, StepFailed
+
+    def raising(error):
+        def run(argv):
+            raise error
+        return run
+
+    trace = "Traceback (most recent call last):\n  File \"rank1.py\", line 1\nRuntimeError: kaboom\n"
+    monkeypatch.setitem(cli.COMMANDS, "train", ("", raising(StepFailed(3, "saved X", trace=trace, rank=1))))
+    assert cli.main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err == trace + "fastbond train: error: step 3 failed on rank 1 (traceback above); saved X\n"
+    monkeypatch.setitem(cli.COMMANDS, "train", ("", raising(ShownByMainRank(2))))
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr() == ("", "")
