@@ -6,9 +6,10 @@ strings, it returns a float32 CPU tensor [B]. The wrapper turns every way a
 user's scorer can fail (it raises, returns the wrong length or shape, returns
 something that is not numbers) into a one-line `FastbondError` that names the
 scorer; inside a training step's rollout the failure is kept until every rank
-has finished it (`fastbond.failures`), and the call returns NaN rewards. Non-finite rewards are passed through untouched: whether to skip the
-step or stop the run is the trainer's decision (`on_nonfinite`), and
-`nonfinite_mask` finds them.
+has finished it (`fastbond.failures`), and the call returns NaN rewards.
+Non-finite rewards are passed through untouched: whether to skip the step or
+stop the run is the trainer's decision (`on_nonfinite`), and `nonfinite_mask`
+finds them.
 
 Kinds (config `reward.kind` / `reward.name`):
     builtin   a name in `BUILTIN_REWARDS` (e.g. "sentiment", the embedded task's)
