@@ -7,7 +7,8 @@ How a failure is shown (`fastbond.errors`): a `FastbondError` (a user's
 mistake) prints one line and exits with status 2; the user's own code failing
 (`UserCodeError`, or any exception inside a training step) prints its
 traceback and exits with status 1; a failed step adds what was saved and how
-to resume.
+to resume. Under DeepSpeed only the main rank shows a failed step; every
+rank exits with its status (`ShownByMainRank`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from fastbond import __version__
-from fastbond.errors import FastbondError, StepFailed, UserCodeError
+from fastbond.errors import FastbondError, ShownByMainRank, StepFailed, UserCodeError
 
 
 def _run_lab(argv: list[str]) -> int:
@@ -239,10 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastbond {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except StepFailed as failure:
-        traceback.print_exception(failure.__cause__)
-        print(f"fastbond {argv[0]}: error: step {failure.step} failed (traceback above); {failure.note}",
-              file=sys.stderr)
+        if failure.trace:  # another rank's
+            print(failure.trace, end="", file=sys.stderr)
+        else:
+            traceback.print_exception(failure.__cause__)
+        print(f"fastbond {argv[0]}: error: step {failure.step} failed{failure.where} (traceback above); "
+              f"{failure.note}", file=sys.stderr)
         return 1
+    except ShownByMainRank as stopped:
+        return stopped.status
     except UserCodeError as error:
         traceback.print_exception(error)
         print(f"fastbond {argv[0]}: error: {error} (traceback above)", file=sys.stderr)

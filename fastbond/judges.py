@@ -13,7 +13,9 @@ equal-length lists of strings, and returns one number per pair, read as
 tie), and counts the pairs it was asked about (`comparisons`). Every way a
 judge can fail is one line naming it: it raised (`UserCodeError`), or it
 returned the wrong length or shape, something that is not numbers, a
-probability outside [0, 1], or NaN (`FastbondError`). Unlike a NaN reward,
+probability outside [0, 1], or NaN (`FastbondError`); inside a training
+step's rollout the failure is kept until every rank has finished it
+(`fastbond.failures`), and the call returns ties. Unlike a NaN reward,
 which `on_nonfinite` may skip, a NaN outcome is always an error: it leaves a
 pair undecided, and neither a J-BOND decision nor a knockout goes on without
 its winner.
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastbond import failures
 from fastbond.config.schema import JUDGE_OUTPUTS
 from fastbond.errors import FastbondError, UserCodeError
 from fastbond.rewards import import_function
@@ -60,6 +63,16 @@ class PairwiseJudge:
 
     def __call__(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> torch.Tensor:
         prompts, responses_a, responses_b = list(prompts), list(responses_a), list(responses_b)
+        try:
+            return self._judge(prompts, responses_a, responses_b)
+        except (FastbondError, UserCodeError) as error:
+            hold = failures.keeper()
+            if hold is None:
+                raise
+            hold.keep(error)  # inside a step's rollout: every rank stops after it (fastbond.failures)
+            return torch.zeros(len(prompts))  # ties
+
+    def _judge(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> torch.Tensor:
         if not len(prompts) == len(responses_a) == len(responses_b):
             raise FastbondError(f"{self.label}: got {len(prompts)} prompts but {len(responses_a)} and "
                                 f"{len(responses_b)} responses")

@@ -5,9 +5,11 @@ Whatever its source, a reward is loaded by `load_reward(kind, name, ...)` as a
 strings, it returns a float32 CPU tensor [B]. The wrapper turns every way a
 user's scorer can fail (it raises, returns the wrong length or shape, returns
 something that is not numbers) into a one-line `FastbondError` that names the
-scorer. Non-finite rewards are passed through untouched: whether to skip the
-step or stop the run is the trainer's decision (`on_nonfinite`), and
-`nonfinite_mask` finds them.
+scorer; inside a training step's rollout the failure is kept until every rank
+has finished it (`fastbond.failures`), and the call returns NaN rewards.
+Non-finite rewards are passed through untouched: whether to skip the step or
+stop the run is the trainer's decision (`on_nonfinite`), and `nonfinite_mask`
+finds them.
 
 Kinds (config `reward.kind` / `reward.name`):
     builtin   a name in `BUILTIN_REWARDS` (e.g. "sentiment", the embedded task's)
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from fastbond import failures
 from fastbond.chat import conversation
 from fastbond.errors import FastbondError, UserCodeError
 
@@ -130,6 +133,16 @@ class RewardFunction:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         prompts, responses = list(prompts), list(responses)
+        try:
+            return self._score(prompts, responses)
+        except (FastbondError, UserCodeError) as error:
+            hold = failures.keeper()
+            if hold is None:
+                raise
+            hold.keep(error)  # inside a step's rollout: every rank stops after it (fastbond.failures)
+            return torch.full((len(responses),), float("nan"))
+
+    def _score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise FastbondError(f"{self.label}: got {len(prompts)} prompts but {len(responses)} responses")
         try:

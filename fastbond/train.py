@@ -13,9 +13,12 @@ are collectives where they need to be.
 
 A step that fails before the optimizer touched the weights (the reward
 function raised, a model's forward failed, a reward had the wrong shape)
-leaves the run as it was after the previous step; in one process that state
-is saved as a checkpoint before the error is shown (`StepFailed`), so
-`checkpoint.resume=true` continues from it.
+leaves the run as it was after the previous step; that state is saved as a
+checkpoint before the error is shown (`StepFailed`), so
+`checkpoint.resume=true` continues from it. The user's scorer failing in the
+rollout, on any rank, stops every rank together after the rollout
+(`fastbond.failures`), so the ranks save together; anything else that fails
+on one rank of several saves nothing more.
 
 Before any model loads, the run directory is claimed and locked
 (`fastbond.run_dir`), the checkpoint to resume from is checked for damage
@@ -50,7 +53,8 @@ from fastbond.config import TrainConfig, to_dict
 from fastbond.data import PromptStream, check_prompt_lengths, prompts_for
 from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
-from fastbond.errors import FastbondError, StepFailed
+from fastbond.errors import FastbondError, ShownByMainRank, StepFailed
+from fastbond.failures import RolloutFailed, held
 from fastbond.metrics_log import MetricsLog, read_metrics
 from fastbond.models import load_tokenizer, model_sources
 from fastbond.process import prepare_process
@@ -239,25 +243,30 @@ class StepStart:
     data: dict
     rng: dict
     skipped: int
+    algorithm: dict  # BoNBoN's pairs: those a failed rollout drew must be drawn again on resume
 
     @staticmethod
     def of(run: Run) -> "StepStart":
-        return StepStart(run.stream.state_dict(), rng_state(), run.skipped)
+        return StepStart(run.stream.state_dict(), rng_state(), run.skipped, run.algorithm.state_dict())
 
     def restore(self, run: Run) -> None:
         run.stream.load_state_dict(self.data)
         set_rng_state(self.rng)
         run.skipped = self.skipped
+        run.algorithm.load_state_dict(self.algorithm)
 
 
-def rescue(run: Run, failed_step: int, start: StepStart) -> str:
-    """After step `failed_step` raised: save what can be saved; a note on how to resume."""
+def rescue(run: Run, failed_step: int, start: StepStart, together: bool = False) -> str:
+    """After step `failed_step` raised: save what can be saved; a note on how to resume.
+
+    `together`: every rank is here (they agreed the rollout failed), so a save under DeepSpeed, a
+    collective, can be made; otherwise only an engine that `saves_alone` saves."""
     resume = f"fix the cause, then rerun with checkpoint.resume=true (run_dir={run.run_dir})"
     previous = latest_checkpoint(run.checkpoints_dir) if run.checkpoints_dir.is_dir() else None
     fallback = f"the last checkpoint is {previous.name}" if previous else "no checkpoint was written"
     if run.updating:
         return f"the weights may have changed mid-update, so nothing more was saved; {fallback}; {resume}"
-    if not run.engine.saves_alone:
+    if not (together or run.engine.saves_alone):
         return f"other ranks may be waiting on this one, so nothing more was saved; {fallback}; {resume}"
     if failed_step == 1:
         return "no step had completed, so there is nothing to resume: rerun from the start once fixed"
@@ -285,7 +294,11 @@ def train_step(run: Run, timer: PhaseTimer) -> dict:
     ctx.sampler.start_step(run.step + 1)
     with timer("generate"):
         ids, mask = encode_prompts(ctx.tokenizer, texts, config.data.max_prompt_tokens, engine.device)
-        batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
+        with held() as hold:  # the user's scorer failing: kept until this rank's rollout is done
+            batch = run.algorithm.rollout(ctx, Prompts(texts, ids, mask, list(range(first, first + share))))
+    failure = engine.first_failure(hold.failure(engine.rank))  # every rank's word, before the next collective
+    if failure is not None:
+        raise RolloutFailed(failure, hold.error)
     metrics: dict = dict(batch.metrics)
     if batch.scalar:  # a pairwise judge's batch holds decisions, not rewards
         reward = batch.policy_rewards.float()
@@ -373,6 +386,8 @@ def _train(run: Run) -> Path:
             started, start = time.perf_counter(), StepStart.of(run)
             try:
                 metrics = train_step(run, timer)
+            except RolloutFailed as stop:  # on every rank: they save together, the main rank tells why
+                raise _stopped(run, stop, rescue(run, run.step + 1, start, together=True)) from stop.error
             except FastbondError as error:  # still one line, now with what was saved
                 raise FastbondError(f"{error}; {rescue(run, run.step + 1, start)}") from None
             except Exception as error:  # user code (or a bug): its traceback is shown, then the note
@@ -403,6 +418,19 @@ def _train(run: Run) -> Path:
     if run.engine.main:
         finish(run)
     return run.run_dir
+
+
+def _stopped(run: Run, stop: RolloutFailed, note: str) -> Exception:
+    """What this rank raises after a failed rollout: on the main rank the failure, shown as if it had
+    been its own (the traceback of the rank it came from, named if not this one); elsewhere silence."""
+    failure, step = stop.failure, run.step + 1
+    if not run.engine.main:
+        return ShownByMainRank(failure.status)
+    elsewhere = failure.rank != run.engine.rank
+    if failure.mistake:
+        where = f"on rank {failure.rank}: " if elsewhere else ""
+        return FastbondError(f"{where}{failure.message}; {note}")
+    return StepFailed(step, note, trace=failure.trace, rank=failure.rank if elsewhere else None)
 
 
 def finish(run: Run) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastbond.failures import Failure
 from fastbond.kernels.sequences import BatchSum
 from fastbond.metrics_log import to_float
 from fastbond.models.form import Models
@@ -82,6 +83,11 @@ class Engine(ABC):
     def all_true(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (so all ranks skip a step together, or none does)."""
         return flag
+
+    def first_failure(self, failure: Failure | None) -> Failure | None:
+        """Whether a step's rollout failed on any rank, as every rank sees it: the failure of the lowest
+        rank that failed, or None. A collective (`fastbond.failures`); in one process, `failure`."""
+        return failure
 
     @property
     def saves_alone(self) -> bool:

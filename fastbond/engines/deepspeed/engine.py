@@ -3,12 +3,14 @@
 `ZeroPlacer` holds what the run's policy form builds on this rank (the
 trained module under a `ZeroOptimizer`, a whole anchor partitioned like it,
 reference and reward sharded or replicated). The engine adds the step's
-collectives (batch-wide sums, agreement on skipped steps, metric means),
+collectives (batch-wide sums, agreement on skipped steps and on failed
+rollouts, metric means),
 sharded checkpoints and the consolidated export, written as the form says.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import shutil
@@ -27,6 +29,7 @@ from fastbond.engines.base import Engine
 from fastbond.engines.deepspeed import zero
 from fastbond.engines.deepspeed.config import build_deepspeed_config
 from fastbond.errors import FastbondError
+from fastbond.failures import Failure
 from fastbond.metrics_log import to_float
 from fastbond.models import Models, Placer, build_models, compute_dtype, judged_models, make_form
 
@@ -156,6 +159,17 @@ class DeepSpeedEngine(Engine):
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
+
+    def first_failure(self, failure: Failure | None) -> Failure | None:
+        """One all-reduce of a flag; only when some rank failed, every rank's failure text is gathered."""
+        if self.all_true(failure is None):
+            return None
+        failures: list[Failure | None] = [None] * self.world
+        dist.all_gather_object(failures, failure)
+        # The launcher stops every rank as soon as one exits non-zero: each waits at exit for the others,
+        # so that none is stopped before the main rank has shown the failure.
+        atexit.register(zero.leave_together)
+        return next(f for f in failures if f is not None)
 
     @property
     def saves_alone(self) -> bool:

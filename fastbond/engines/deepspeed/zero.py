@@ -107,6 +107,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_together() -> None:
+    """At exit, after a failure every rank agreed on: wait for the other ranks (bounded by the process
+    group's timeout, DEEPSPEED_TIMEOUT minutes)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # --------------------------------------------------------------------------- #
 # engines
 # --------------------------------------------------------------------------- #
