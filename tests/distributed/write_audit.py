@@ -11,8 +11,10 @@ audit events do not see files that C code opens itself, so torch.save
 (DeepSpeed's checkpoint files) and safetensors' save_file / save_model (every
 safetensors file fastbond and transformers write) are wrapped to record their
 target first, and a tokenizer's save_pretrained the files it returns
-(tokenizer.json is written by the Rust tokenizers library); the test then checks that every file the run left has a recorded
-writer, which is how a writer missed here would show.
+(tokenizer.json is written by the Rust tokenizers library). The test then
+checks that every file the run left has a recorded writer, which is how a
+writer missed here would show ($FASTBOND_TEST_NODE: the node, as the test
+numbers them).
 """
 
 from __future__ import annotations
