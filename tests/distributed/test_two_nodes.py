@@ -16,7 +16,7 @@ tests check that the two nodes train as one process does (keyed noise: the
 same tokens), that each node's cache was built once, by its own rank, and
 that every file of the run directory was written by global rank 0, except a
 rank's own checkpoint shards; and that the resume on two nodes continues bit
-for bit. About 80 s on 2 cores (two launches, each node pretraining its
+for bit. About 60 s on 2 cores (two launches, each node pretraining its
 π_ref in ~10 s, and the one-process run).
 """
 
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from fastbond.embedded import VERSION
 from test_train_cli import _free_port, assert_same_run, losses, max_diff, one_process_train, weights
 
 pytest.importorskip("deepspeed")
@@ -58,7 +59,7 @@ TINY = [
     "cpu_threads=1",
     "engine.zero_stage=3",
 ]
-BUILT = "embedded-v2-seed0"  # the embedded π_ref's directory in a cache (fastbond.embedded VERSION, seed 0)
+BUILT = f"embedded-{VERSION}-seed0"  # the embedded π_ref's directory in a cache
 # The files a rank other than 0 may write: its own shards of a checkpoint, in the checkpoint's
 # temporary directory (DeepSpeed's, the anchor's, its RNG and algorithm state), and the folders holding them.
 SHARD = re.compile(r"checkpoints/step-\d{6}/(?:zero/zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt"
