@@ -1,14 +1,17 @@
 """The embedded π_ref: a word-level tokenizer and a tiny Llama pretrained on the grammar, cached on disk.
 
-Built from a seed in ~15 s on one CPU core, saved with `save_pretrained`
+Built from a seed in ~15 s on one CPU core, saved in the transformers layout
 (safetensors) and loaded back with `from_pretrained`, the path any user
 checkpoint takes. The build is atomic (a temporary sibling renamed into
-place), so a killed or concurrent build never leaves a half-written cache.
+place), so a killed build never leaves a half-written cache, and it holds a
+lock on the cache root, so the processes of one machine (the ranks of a node)
+build it once: the first builds, the others wait and read its build.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -230,6 +233,37 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def save_model_files(model, directory: Path) -> None:
+    """config.json, generation_config.json and model.safetensors, as `save_pretrained` writes them, on any rank.
+
+    Once torch.distributed is initialized, transformers' `save_pretrained` writes the weights and the
+    config on global rank 0 only and nothing elsewhere; each node builds its own cache, and on every
+    node but the first the rank that builds it is not global rank 0.
+    """
+    from safetensors.torch import save_model
+
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _complete(directory: Path) -> bool:
+    """A finished build: the metadata written last, and the model files before it."""
+    return all((directory / name).is_file() for name in (META_FILE, "config.json", "model.safetensors"))
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str):
+    """An exclusive lock on `root/.name.lock` while one process builds `name`; the others wait for it."""
+    with open(root / f".{name}.lock", "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build_into(directory: Path, seed: int, steps: int, batch_size: int, weights: Path | None = None) -> dict:
     """Pretrain π_ref (or load `weights`) and write model, tokenizer, prompts and metadata into `directory`."""
     from safetensors.torch import load_file
@@ -256,8 +290,7 @@ def _build_into(directory: Path, seed: int, steps: int, batch_size: int, weights
     generation.pad_token_id = tokenizer.pad_token_id
     generation.do_sample, generation.top_k, generation.top_p = True, 0, 1.0
     generation.max_new_tokens = MAX_NEW_TOKENS
-    with quiet_progress_bars():
-        model.save_pretrained(directory)
+    save_model_files(model, directory)
     save_tokenizer(tokenizer, directory)
 
     train, evaluation = prompt_splits(seed)
@@ -302,10 +335,13 @@ def build_embedded_reference(
 
     The build happens in a temporary sibling directory that is renamed into
     place in one step, so a killed build never leaves a half-written
-    checkpoint, and two processes building at once both end with one
-    complete copy. The cache is keyed by version and seed only: `steps` and
-    `batch_size` exist so tests can make a quick build in a directory of
-    their own.
+    checkpoint. Processes that share the cache root (the ranks of one node)
+    build it once: the first takes a lock on the root and builds, the others
+    wait on the lock and then read its build. Across nodes that share one
+    cache on a file system without working locks, two builds at once still
+    end with one complete copy (the rename). The cache is keyed by version and
+    seed only: `steps` and `batch_size` exist so tests can make a quick build
+    in a directory of their own.
 
     `weights` (a model.safetensors of this version's π_ref) is loaded instead
     of pretraining. Pretraining sums floats in the order of the CPU's vector
@@ -316,21 +352,26 @@ def build_embedded_reference(
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     target = root / f"embedded-{VERSION}-seed{seed}"
-    if (target / META_FILE).is_file():
+    if _complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        _build_into(scratch, seed, steps, batch_size, None if weights is None else Path(weights))
-        if target.exists() and not (target / META_FILE).is_file():
-            shutil.rmtree(target)  # an incomplete directory left by hand or by an old version
+    with _build_lock(root, target.name):
+        if _complete(target):  # built by the process this one waited for
+            return target
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
         try:
-            os.replace(scratch, target)
-        except OSError:
-            if not (target / META_FILE).is_file():  # not a lost race with a concurrent build: a real failure
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            _build_into(scratch, seed, steps, batch_size, None if weights is None else Path(weights))
+            if target.exists() and not _complete(target):
+                # an incomplete directory left by hand, or by a version whose build on a rank other than
+                # global rank 0 wrote no model
+                shutil.rmtree(target)
+            try:
+                os.replace(scratch, target)
+            except OSError:
+                if not _complete(target):  # not a lost race with a build elsewhere: a real failure
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

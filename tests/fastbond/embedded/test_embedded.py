@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_a_failed_build_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(reference_build, "_build_into", crash)
     with pytest.raises(KeyboardInterrupt):
         embedded.build_embedded_reference(tmp_path, seed=5)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [f".embedded-{embedded.VERSION}-seed5.lock"]  # the lock's file
 
 
 def test_a_concurrent_build_that_finished_first_wins(tmp_path, monkeypatch):
@@ -185,16 +186,60 @@ def test_a_concurrent_build_that_finished_first_wins(tmp_path, monkeypatch):
 
     def build_while_another_finishes(directory, seed, steps, batch_size, weights=None):
         meta = real_build(directory, seed, steps, batch_size, weights)
-        other = tmp_path / f"embedded-{embedded.VERSION}-seed{seed}"
-        other.mkdir()
-        (other / embedded.META_FILE).write_text("{}")
+        _fake_build(tmp_path / f"embedded-{embedded.VERSION}-seed{seed}")  # e.g. another node, on a shared cache
         return meta
 
     monkeypatch.setattr(reference_build, "_build_into", build_while_another_finishes)
     path = embedded.build_embedded_reference(tmp_path, seed=5, steps=2, batch_size=4)
     assert path == tmp_path / f"embedded-{embedded.VERSION}-seed5"
     assert (path / embedded.META_FILE).read_text() == "{}"  # the other build's copy was kept
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # and our scratch directory removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{path.name}.lock", path.name]  # our scratch removed
+
+
+def _fake_build(directory, *args, **kwargs):
+    """What a complete build leaves, in no time: the model's files, then the metadata."""
+    directory.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_text("{}")
+    (directory / embedded.META_FILE).write_text("{}")
+
+
+def test_processes_sharing_a_cache_build_it_once(tmp_path, monkeypatch):
+    """The ranks of one node share its cache: the first builds, the other waits on the lock and reads
+    that build. (flock excludes two open files of one process as it does two processes'.)"""
+    import threading
+
+    builds, started, second_waits = [], threading.Event(), threading.Event()
+
+    def slow_build(directory, *args):
+        builds.append(directory)
+        started.set()
+        second_waits.wait(10)
+        time.sleep(0.5)  # the second caller is at the lock by now
+        _fake_build(directory)
+
+    monkeypatch.setattr(reference_build, "_build_into", slow_build)
+    found = []
+    first = threading.Thread(target=lambda: found.append(embedded.build_embedded_reference(tmp_path, seed=5)))
+    first.start()
+    assert started.wait(10)
+    second_waits.set()
+    found.append(embedded.build_embedded_reference(tmp_path, seed=5))
+    first.join(10)
+    target = tmp_path / f"embedded-{embedded.VERSION}-seed5"
+    assert found == [target, target]
+    assert len(builds) == 1
+
+
+def test_an_incomplete_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A build whose model files are missing (as a rank other than global rank 0 left it when
+    transformers' save_pretrained wrote nothing there) is built again, not loaded."""
+    target = tmp_path / f"embedded-{embedded.VERSION}-seed5"
+    target.mkdir()
+    (target / embedded.META_FILE).write_text("{}")
+    monkeypatch.setattr(reference_build, "_build_into", _fake_build)
+    assert embedded.build_embedded_reference(tmp_path, seed=5) == target
+    assert (target / "model.safetensors").is_file()
 
 
 def test_cpu_threads_restores_the_previous_count():
