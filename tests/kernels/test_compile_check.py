@@ -24,8 +24,8 @@ triton = pytest.importorskip("triton")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 FULL = os.environ.get("FASTBOND_COMPILE_CHECK") == "full"
 FULL_COMMAND = "python -m fastbond.kernels.compile_check --full --record (about 25 minutes on 2 cores)"
-KERNELS = {"_linear_logprobs_fwd_kernel", "_linear_logprobs_dlogits_kernel", "_jbond_fwd_kernel",
-           "_jbond_bwd_kernel", "_ema_kernel"}
+KERNELS = {"_linear_logprobs_fwd_kernel", "_linear_logprobs_dlogits_kernel", "_live_dz_t_x_kernel",
+           "_live_dz_w_kernel", "_jbond_fwd_kernel", "_jbond_bwd_kernel", "_ema_kernel"}
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_every_cuda_launch_compiles_fits_and_spills_nothing(tmp_path):
     compiled = {(r["kernel"], r["arch"]) for r in report["results"]}
     assert compiled == {(k, arch) for k in KERNELS for arch in ARCHS}
     for r in report["results"]:
-        if r["kernel"].startswith("_linear"):
+        if r["kernel"].startswith(("_linear", "_live")):
             assert r["tensor_cores"], r
 
 
