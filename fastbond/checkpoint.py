@@ -168,8 +168,10 @@ def _follow(pointer: Path) -> tuple[Path | None, str | None]:
         return None, "is missing"
     try:
         name = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        return None, f"cannot be read ({getattr(error, 'strerror', None) or error})"
+    except UnicodeDecodeError:
+        return None, "is damaged (it is not text)"
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror or error})"
     if checkpoint_step(Path(name)) is None or "/" in name:
         shown = name if len(name) <= 40 else name[:40] + "…"
         return None, f"is damaged (it holds {shown!r}, not a checkpoint's name)"

@@ -55,6 +55,13 @@ class _LazyFile(logging.Handler):
             self.handleError(record)
 
 
+def _library_loggers() -> list[logging.Logger]:
+    """Each library's top logger, and those of its children that exist already (some have handlers)."""
+    names = set(LIBRARIES) | {name for name in logging.Logger.manager.loggerDict
+                              if any(name.startswith(library + ".") for library in LIBRARIES)}
+    return [logging.getLogger(name) for name in sorted(names)]
+
+
 class LibraryLog:
     """Library warnings routed to `path` until `close` (see the module docstring)."""
 
@@ -65,14 +72,15 @@ class LibraryLog:
         self._loggers: list[tuple[logging.Logger, bool]] = []
         self._filtered: list[logging.Handler] = []
         warnings.showwarning = self._show
-        for name in LIBRARIES:
-            logger = logging.getLogger(name)
+        for logger in _library_loggers():
             for handler in logger.handlers:
                 handler.addFilter(self.filter)
                 self._filtered.append(handler)
-            logger.addHandler(self.handler)
-            self._loggers.append((logger, logger.propagate))
-            logger.propagate = False  # the root logger's last-resort handler would print it to stderr
+            # a library's top logger, or one that keeps its records from it (torch.distributed does)
+            if logger.name in LIBRARIES or not logger.propagate:
+                logger.addHandler(self.handler)
+                self._loggers.append((logger, logger.propagate))
+                logger.propagate = False  # the root logger's last-resort handler would print it to stderr
 
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if file is not None:  # asked for a particular stream: not ours to move
