@@ -87,6 +87,8 @@ def _torch_zip(path: Path) -> tuple[zipfile.ZipFile | None, str | None]:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         return None, "is truncated or not a torch file (no zip central directory at its end)"
+    except (ValueError, EOFError, OverflowError, NotImplementedError) as error:  # a garbled directory
+        return None, f"has a damaged zip directory ({error})"
     except OSError as error:
         return None, f"cannot be read ({error.strerror or error})"
     names = archive.namelist()
@@ -202,6 +204,8 @@ def manifest_damage(root: Path) -> str | None:
         hashlib.new(algorithm)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is not a readable manifest"
+    if any(Path(name).is_absolute() or ".." in Path(name).parts for name in entries):
+        return f"{MANIFEST} names a file outside the checkpoint"
     for name, (size, _) in sorted(entries.items()):
         file = root / name
         if not file.is_file():

@@ -220,3 +220,11 @@ def test_a_damaged_pointer_with_nothing_complete_is_one_line(tmp_path):
     assert "step-000002: state.json lacks its step or state" in message and "--force" in message
     with pytest.raises(FastbondError, match="checkpoint pointer .* is damaged"):
         ckpt.latest_checkpoint(tmp_path)  # `fastbond merge` and the rest: one line too
+
+
+def test_a_manifest_naming_files_outside_the_checkpoint_is_refused(tmp_path):
+    checkpoint = ckpt.save_checkpoint(tmp_path, 1, tiny_model(), None, {"x": torch.ones(2)})
+    manifest = json.loads((checkpoint / ckpt.MANIFEST).read_text())
+    manifest["files"]["../latest"] = {"bytes": 12, "sha256": "0" * 64}
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.damage(checkpoint) == "manifest.json names a file outside the checkpoint"
