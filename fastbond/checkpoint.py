@@ -13,11 +13,14 @@ would pick up. Checkpoints are ordered by their step number (never by name:
 `step-1000000` sorts before `step-999999` as text).
 
 A checkpoint damaged after it was written (a truncated or emptied file, a
-`state.json` without its keys) is found before anything loads from it
-(`damage`): every safetensors file's header must parse and its data must
-end exactly where the file does. Resuming from a damaged latest checkpoint
-is refused with the previous complete one named (`checkpoint.resume=previous`
-resumes from it and moves the damaged ones aside, into `checkpoints/damaged/`).
+`state.json` without its keys, a DeepSpeed shard from another rank or run,
+a flipped bit) is found before anything loads from it (`damage`): every
+file's structure is checked, then its checksum against the `manifest.json`
+written with the checkpoint (`fastbond.integrity`). Resuming from a damaged
+latest checkpoint is refused with the previous complete one named
+(`checkpoint.resume=previous` resumes from it and moves the damaged ones
+aside, into `checkpoints/damaged/`). A missing or damaged `latest` pointer is
+not an error: resume takes the newest complete checkpoint and says which.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from safetensors.torch import load_file, save_file
 
 from fastbond import atomic
 from fastbond.errors import FastbondError
+from fastbond.integrity import (  # noqa: F401  (safetensors_damage: re-exported)
+    MANIFEST,
+    has_manifest,
+    manifest_damage,
+    safetensors_damage,
+    write_manifest,
+    zero_shards_damage,
+)
 
 TENSOR_KEY = "__tensor__"
 TUPLE_KEY = "__tuple__"
@@ -134,7 +145,9 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 def publish(tmp: Path, final: Path, keep: int) -> Path:
     """A completely written temporary checkpoint directory becomes `final` and the latest one:
-    flushed, renamed into place, `latest` moved to it, older ones beyond `keep` removed."""
+    its files' checksums recorded (manifest.json), flushed, renamed into place, `latest` moved to it,
+    older ones beyond `keep` removed."""
+    write_manifest(tmp)
     atomic.swap_in(tmp, final)  # re-saving the same step replaces it
     atomic.write_text(final.parent / "latest", final.name + "\n")
     _prune(final.parent, keep)
@@ -149,50 +162,40 @@ def _prune(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The checkpoint `latest` names (not checked for damage: see `resume_checkpoint`)."""
-    pointer = checkpoints_dir / "latest"
+def _follow(pointer: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint the pointer file names, None), or (None, why it leads nowhere: "is missing", …)."""
     if not pointer.is_file():
-        return None
-    path = checkpoints_dir / pointer.read_text().strip()
+        return None, "is missing"
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "is damaged (it is not text)"
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror or error})"
+    if checkpoint_step(Path(name)) is None or "/" in name:
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        return None, f"is damaged (it holds {shown!r}, not a checkpoint's name)"
+    path = pointer.parent / name
     if not (path / "state.json").is_file():
-        raise FastbondError(f"checkpoint pointer {pointer} names {path.name}, which is missing or incomplete")
+        return None, f"names {name}, which is missing or incomplete"
+    return path, None
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None without a pointer. Not checked for damage: see
+    `resume_checkpoint`, which also copes with a damaged pointer; here one that leads nowhere is one line."""
+    pointer = checkpoints_dir / "latest"
+    path, problem = _follow(pointer)
+    if problem == "is missing":
+        return None
+    if problem is not None:
+        raise FastbondError(f"checkpoint pointer {pointer} {problem}")
     return path
 
 
 # --------------------------------------------------------------------------- #
 # damage
 # --------------------------------------------------------------------------- #
-
-
-def safetensors_damage(path: Path) -> str | None:
-    """Why a safetensors file is unreadable (empty, truncated, a bad header), or None.
-
-    Reads the header only: its tensors' byte ranges must end exactly at the
-    file's end. That finds every truncation; a flipped bit inside the data
-    is not looked for.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return "is empty" if size == 0 else "is truncated (no header)"
-            length = int.from_bytes(head, "little")
-            if 8 + length > size:
-                return f"is truncated ({size} bytes, its header alone claims {8 + length})"
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError) as error:
-        return f"cannot be read ({error})"
-    if not isinstance(header, dict):
-        return "has a malformed header"
-    try:
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError):
-        return "has a malformed header"
-    if 8 + length + end != size:
-        return f"is truncated ({size} bytes, its header says {8 + length + end})"
-    return None
 
 
 def _state_damage(path: Path) -> str | None:
@@ -205,8 +208,13 @@ def _state_damage(path: Path) -> str | None:
     return None
 
 
-def damage(checkpoint: Path) -> str | None:
-    """The first damaged file of a checkpoint, as "FILE is truncated (…)", or None if it reads."""
+def damage(checkpoint: Path, checksums: bool = True) -> str | None:
+    """The first damaged file of a checkpoint, as "FILE is truncated (…)", or None if it reads.
+
+    Structure first (cheap: headers, zip directories, which files are there), then, with `checksums`,
+    every file against manifest.json (reads every byte; a checkpoint without a manifest is checked by
+    its structure only).
+    """
     state = checkpoint / "state.json"
     if not state.is_file():
         return "state.json is missing"
@@ -215,7 +223,8 @@ def damage(checkpoint: Path) -> str | None:
         return f"state.json {problem}"
     if not (checkpoint / "policy" / "config.json").is_file():
         return "policy/config.json is missing"
-    if not (checkpoint / "zero").is_dir() and not (checkpoint / "tensors.safetensors").is_file():
+    zero = checkpoint / "zero"
+    if not zero.is_dir() and not (checkpoint / "tensors.safetensors").is_file():
         return "tensors.safetensors is missing"  # a one-process checkpoint's optimizer, anchor and RNG
     weights = sorted(checkpoint.rglob("*.safetensors"))
     if not any(p.parent == checkpoint / "policy" for p in weights):
@@ -224,7 +233,14 @@ def damage(checkpoint: Path) -> str | None:
         problem = safetensors_damage(path)
         if problem:
             return f"{path.relative_to(checkpoint)} {problem}"
-    return None
+    if zero.is_dir():  # DeepSpeed's shards, pickled: checked as zip archives, never unpickled here
+        world = json.loads(state.read_text())["state"].get("world_size")
+        if not isinstance(world, int) or world < 1:
+            return "state.json lacks the world size its zero/ shards were saved on"
+        problem = zero_shards_damage(zero, world)
+        if problem:
+            return problem
+    return manifest_damage(checkpoint) if checksums else None
 
 
 def model_dir_damage(model_dir: Path) -> str | None:
@@ -236,20 +252,65 @@ def model_dir_damage(model_dir: Path) -> str | None:
     return None
 
 
+def _mode(mode) -> str:
+    return "true" if mode is True else str(mode)
+
+
+def _set_aside(checkpoints_dir: Path, kept: Path) -> str:
+    """Checkpoints after `kept` moved into checkpoints/damaged/ (never deleted); `latest` names `kept`.
+    Returns what was moved, as "step-…, step-… aside to DIR (not deleted)", or ""."""
+    aside = checkpoints_dir / "damaged"
+    moved = []
+    for later in list_checkpoints(checkpoints_dir):
+        if checkpoint_step(later) > checkpoint_step(kept):
+            aside.mkdir(exist_ok=True)
+            os.replace(later, aside / later.name)
+            moved.append(later.name)
+    atomic.write_text(checkpoints_dir / "latest", kept.name + "\n")
+    return f"{', '.join(moved)} aside to {aside} (not deleted)" if moved else ""
+
+
+def _say_if_unchecked(checkpoint: Path, say) -> Path:
+    if not has_manifest(checkpoint):
+        say(f"{checkpoint.name} has no {MANIFEST} (written by an earlier fastbond): checked by its structure "
+            "only, not by checksums")
+    return checkpoint
+
+
+def _newest_complete(checkpoints_dir: Path, found: list[Path], why: str, say) -> Path:
+    """With no usable `latest` pointer: the newest checkpoint that is not damaged, said in one line."""
+    problems = {}
+    for candidate in reversed(found):
+        problems[candidate] = damage(candidate)
+        if problems[candidate] is None:
+            moved = _set_aside(checkpoints_dir, candidate)
+            say(f"checkpoint pointer {why}: resuming from the newest complete checkpoint {candidate.name}"
+                + (f"; moved {moved}" if moved else ""))
+            return _say_if_unchecked(candidate, say)
+    raise FastbondError(f"checkpoint pointer {why}, and no checkpoint in {checkpoints_dir} is complete (the newest, "
+                        f"{found[-1].name}: {problems[found[-1]]}); start over with --force")
+
+
 def resume_checkpoint(checkpoints_dir: Path, mode, say=print) -> Path:
     """The checkpoint to resume from: the latest (mode true) or the newest complete one before it
-    (mode "previous"); refuses a damaged one with a one-line error that names the way out."""
-    latest = latest_checkpoint(checkpoints_dir)
+    (mode "previous"); refuses a damaged one with a one-line error that names the way out. Without
+    a usable `latest` pointer (missing, unreadable, naming nothing) the newest complete checkpoint is
+    taken, and the pointer rewritten to name it (the other ranks read it)."""
+    pointer = checkpoints_dir / "latest"
+    latest, pointer_problem = _follow(pointer)
+    found = list_checkpoints(checkpoints_dir)
     if latest is None:
-        latest = (list_checkpoints(checkpoints_dir) or [None])[-1]
-    if latest is None:
-        raise FastbondError(f"checkpoint.resume={'true' if mode is True else mode} but {checkpoints_dir} "
-                            "holds no checkpoint")
-    older = [p for p in list_checkpoints(checkpoints_dir) if checkpoint_step(p) < checkpoint_step(latest)]
+        if not found:
+            told = "" if pointer_problem == "is missing" else f" (its pointer {pointer} {pointer_problem})"
+            raise FastbondError(f"checkpoint.resume={_mode(mode)} but {checkpoints_dir} holds no checkpoint{told}")
+        if mode != "previous":
+            return _newest_complete(checkpoints_dir, found, f"{pointer} {pointer_problem}", say)
+        latest = found[-1]
+    older = [p for p in found if checkpoint_step(p) < checkpoint_step(latest)]
     if mode != "previous":
         problem = damage(latest)
         if problem is None:
-            return latest
+            return _say_if_unchecked(latest, say)
         fallback = next((p for p in reversed(older) if damage(p) is None), None)
         way_out = (f"resume from the previous complete checkpoint {fallback.name} with checkpoint.resume=previous"
                    if fallback else "no earlier complete checkpoint exists: start over with --force")
@@ -258,16 +319,9 @@ def resume_checkpoint(checkpoints_dir: Path, mode, say=print) -> Path:
     if fallback is None:
         raise FastbondError(f"checkpoint.resume=previous: {checkpoints_dir} holds no complete checkpoint "
                             f"older than {latest.name}")
-    aside = checkpoints_dir / "damaged"
-    aside.mkdir(exist_ok=True)
-    moved = []
-    for later in list_checkpoints(checkpoints_dir):
-        if checkpoint_step(later) > checkpoint_step(fallback):
-            os.replace(later, aside / later.name)
-            moved.append(later.name)
-    atomic.write_text(checkpoints_dir / "latest", fallback.name + "\n")
-    say(f"resuming from {fallback.name}; moved {', '.join(moved)} aside to {aside} (not deleted)")
-    return fallback
+    moved = _set_aside(checkpoints_dir, fallback)
+    say(f"resuming from {fallback.name}" + (f"; moved {moved}" if moved else ""))
+    return _say_if_unchecked(fallback, say)
 
 
 def checkpoint_shared(checkpoint: Path) -> dict:
@@ -283,7 +337,7 @@ def checkpoint_shared(checkpoint: Path) -> dict:
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, Any]]:
     """(step, state) of a checkpoint written by `save_checkpoint`; the policy is in `path / "policy"`."""
-    problem = damage(path)
+    problem = damage(path, checksums=False)  # resume_checkpoint has compared the checksums
     if problem:
         raise FastbondError(f"checkpoint {path} is damaged: {problem}")
     try:

@@ -1,7 +1,7 @@
 """The run directory: checked, claimed and locked before any model loads; written to with care.
 
 A run directory holds one run: config.yaml, metrics.jsonl, checkpoints/,
-policy/, eval.json, report.png (and tensorboard/, wandb/). `claim` makes sure that
+policy/, eval.json, report.png (and tensorboard/, wandb/, warnings.log). `claim` makes sure that
 
 * it can be a directory: created if absent, writable (a file in its place, a
   read-only file system or a missing permission is one line, not a
@@ -35,7 +35,7 @@ from fastbond.errors import FastbondError
 MARKER = ".fastbond-run"
 LOCK = ".lock"
 # What a run writes; `--force` deletes these and nothing else.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "report.png", MARKER)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "report.png", "warnings.log", MARKER)
 RUN_DIRS = ("checkpoints", "policy", "tensorboard", "wandb")
 
 

@@ -55,6 +55,7 @@ from fastbond.embedded import EMBEDDED
 from fastbond.engines import Engine, Models, make_engine
 from fastbond.errors import FastbondError, ShownByMainRank, StepFailed
 from fastbond.failures import RolloutFailed, held
+from fastbond.library_log import LibraryLog, library_log
 from fastbond.metrics_log import MetricsLog, read_metrics
 from fastbond.models import load_tokenizer, model_sources
 from fastbond.process import prepare_process
@@ -99,6 +100,7 @@ class Run:
     step: int = 0  # the last completed step
     skipped: int = 0
     lock: RunDirLock | None = None  # held by the main rank while the run writes run_dir
+    library: LibraryLog | None = None  # the main rank's library warnings, into run_dir/warnings.log
     prompts: dict = field(default_factory=dict)  # fingerprint of the training prompts, saved with checkpoints
     # Set once a step's optimizer update begins: from then on the weights may have moved.
     updating: bool = field(default=False, repr=False)
@@ -165,12 +167,18 @@ def setup_run(config: TrainConfig) -> Run:
     run_dir = Path(config.run_dir)
     # everything that can be checked without the models, before they load
     lock = _on_main(engine, lambda: claim(run_dir, bool(config.checkpoint.resume), config.checkpoint.overwrite))
+    # from here to the end of the run, library warnings go to run_dir/warnings.log, not around our lines
+    library = library_log(run_dir) if lock is not None else None
     try:
-        return _setup(config, engine, run_dir, lock)
+        run = _setup(config, engine, run_dir, lock)
     except BaseException:
+        if library is not None:
+            library.close()
         if lock is not None:
             lock.release()
         raise
+    run.library = library
+    return run
 
 
 def _setup(config: TrainConfig, engine: Engine, run_dir: Path, lock: RunDirLock | None) -> Run:
@@ -358,6 +366,8 @@ def train(config: TrainConfig) -> Path:
         return _train(run)
     finally:
         run.ctx.sampler.close()
+        if run.library is not None:
+            run.library.close()
         if run.lock is not None:
             run.lock.release()
 

@@ -65,14 +65,18 @@ def cache(tmp_path_factory, reference_weights):
     return root
 
 
-def deepspeed_train(cache: Path, run_dir: Path, *overrides: str) -> Path:
+def deepspeed_run(cache: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, FASTBOND_CACHE=str(cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={RANKS}",
                f"--master_port={_free_port()}", "--module", "fastbond", "train", *TINY, f"run_dir={run_dir}",
                *overrides]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
                           cwd=Path(__file__).parents[2])
+
+
+def deepspeed_train(cache: Path, run_dir: Path, *overrides: str) -> Path:
+    done = deepspeed_run(cache, run_dir, *overrides)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return run_dir
 
@@ -174,6 +178,34 @@ def test_resume_on_two_ranks_continues_exactly(cache, tmp_path, zero3):
         before = load_file(str(zero3 / "checkpoints" / "step-000003" / "anchor" / name))
         after = load_file(str(run_dir / "checkpoints" / "step-000003" / "anchor" / name))
         assert max_diff(before, after) == 0.0
+
+
+def test_a_damaged_zero_shard_is_one_line_and_resume_previous_falls_back(cache, tmp_path, zero3):
+    """Rank 1's optimizer shard of the latest checkpoint truncated: every rank stops before any model loads,
+    with one line naming the shard; checkpoint.resume=previous resumes from step 2, and step 3 comes out as
+    the run that never stopped computed it."""
+    run_dir = tmp_path / "run"
+    for name in ("step-000002", "step-000003"):
+        shutil.copytree(zero3 / "checkpoints" / name, run_dir / "checkpoints" / name)
+    (run_dir / "checkpoints" / "latest").write_text("step-000003\n")
+    assert (zero3 / "checkpoints" / "step-000003" / "manifest.json").is_file()
+    shard = run_dir / "checkpoints" / "step-000003" / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    done = deepspeed_run(cache, run_dir, "engine.zero_stage=3", "checkpoint.resume=true")
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if "fastbond train: error:" in line]
+    named = [line for line in errors if f"zero/{shard.name} is truncated" in line]
+    assert len(named) == 1 and "checkpoint.resume=previous" in named[0], output[-6000:]
+    # the other rank stops too, saying the main rank refused; nobody shows a traceback
+    assert all("the main rank refused the run" in line for line in errors if line not in named), output[-6000:]
+    assert "Traceback" not in output, output[-6000:]
+
+    done = deepspeed_run(cache, run_dir, "engine.zero_stage=3", "checkpoint.resume=previous")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert "resuming from step-000002; moved step-000003 aside" in done.stdout
+    assert losses(run_dir) == {3: losses(zero3)[3]}
+    assert max_diff(weights(run_dir / "policy"), weights(zero3 / "policy")) == 0.0
 
 
 # --------------------------------------------------------------------------- #

@@ -342,3 +342,37 @@ def test_reward_model_whose_own_tokenizer_outgrows_its_embeddings(capsys, tmp_pa
         status, err, "policy/reward tokenizer mismatch", str(model_dir),
         f"embeds {len(tokenizer) - 3} tokens but its tokenizer has {len(tokenizer)}",
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# library warnings: kept in run_dir/warnings.log, out of the one-line error and the progress bar
+
+
+NOISY = ("import logging, warnings\nfrom fastbond.rewards import sentiment\n\n"
+         "def score(prompts, responses):\n"
+         "    warnings.warn('a library UserWarning', UserWarning)\n"
+         "    logging.getLogger('transformers.generation').warning('a transformers logger warning')\n"
+         "    logging.getLogger('torch.distributed').warning('a torch logger warning')\n"
+         "    {ending}\n")
+
+
+def test_library_warnings_go_to_the_run_log_not_around_the_error(capsys, tmp_path, embedded_reference,
+                                                                 reward_module):
+    import warnings
+
+    shown_before = warnings.showwarning
+    name = reward_module(NOISY.format(ending="return [0.0] * (len(responses) - 1)"))
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={name}:score"])
+    assert_one_line_error(status, err, f"reward function {name}:score", "returned shape (")
+    log = (tmp_path / "run" / "warnings.log").read_text()
+    for text in ("UserWarning: a library UserWarning", "a transformers logger warning", "a torch logger warning"):
+        assert text in log
+    assert warnings.showwarning is shown_before  # the run put everything back
+
+    # a run that succeeds, progress bar on: the bar's lines hold no warning
+    name = reward_module(NOISY.format(ending="return sentiment(prompts, responses)"))
+    status, err = run_train(capsys, tiny(tmp_path) + ["reward.kind=callable", f"reward.name={name}:score",
+                                                      "logging.progress=true", f"run_dir={tmp_path / 'ok'}"])
+    assert status == 0, err
+    assert "warning" not in err.lower() and "2/2" in err, err
+    assert "a torch logger warning" in (tmp_path / "ok" / "warnings.log").read_text()

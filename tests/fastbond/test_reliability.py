@@ -93,11 +93,24 @@ def test_safetensors_damage_finds_empty_truncated_and_garbled_files(tmp_path):
     assert safetensors_damage(longer)
 
 
-@pytest.mark.parametrize("broken", ["policy/model.safetensors", "tensors.safetensors", "state.json"])
+def flip_a_bit(path: Path, from_end: int = 64) -> None:
+    """One bit inside the tensor data near the file's end: headers and sizes stay as they were."""
+    data = bytearray(path.read_bytes())
+    data[-from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("broken", ["policy/model.safetensors", "tensors.safetensors", "state.json",
+                                    "flipped:tensors.safetensors", "flipped:policy/model.safetensors"])
 def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(capsys, run_of_4, broken):
     latest = run_of_4 / "checkpoints" / "step-000004"
+    flipped = broken.startswith("flipped:")
+    broken = broken.removeprefix("flipped:")
     target = latest / broken
-    if broken == "state.json":
+    if flipped:
+        flip_a_bit(target)
+        assert safetensors_damage(target) is None  # only its checksum tells
+    elif broken == "state.json":
         target.write_text(json.dumps({"step": 4}))  # parses, lacks its state
     elif broken == "tensors.safetensors":
         target.write_bytes(b"")
@@ -105,7 +118,8 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(capsy
         truncate(target)
     assert damage(latest).startswith(broken)
     status, _, err = train_cli(capsys, run_of_4, "steps=6", "checkpoint.every=2", "checkpoint.resume=true")
-    one_line_error(status, err, "step-000004 is damaged", broken, "checkpoint.resume=previous", "step-000002")
+    line = one_line_error(status, err, "step-000004 is damaged", broken, "checkpoint.resume=previous", "step-000002")
+    assert ("does not match its sha256 in manifest.json" in line) == flipped
 
     # resume from the previous one: the damaged checkpoint is moved aside, not deleted
     status, out, err = train_cli(capsys, run_of_4, "steps=6", "checkpoint.every=2", "checkpoint.resume=previous")
@@ -114,6 +128,17 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(capsy
     assert (run_of_4 / "checkpoints" / "damaged" / "step-000004" / broken).exists()
     assert [p.name for p in list_checkpoints(run_of_4 / "checkpoints")] == ["step-000004", "step-000006"]
     assert [r["step"] for r in read_metrics(run_of_4 / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_damaged_latest_pointer_resumes_from_the_newest_complete_checkpoint(capsys, run_of_4):
+    (run_of_4 / "checkpoints" / "latest").write_bytes(b"\xff\xfe garbage")
+    status, out, err = train_cli(capsys, run_of_4, "steps=6", "checkpoint.every=2", "checkpoint.resume=true")
+    assert status == 0, err
+    said = [line for line in out.splitlines() if "checkpoint pointer" in line]
+    assert len(said) == 1 and "is damaged" in said[0], out
+    assert said[0].endswith("resuming from the newest complete checkpoint step-000004")
+    assert [r["step"] for r in read_metrics(run_of_4 / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert (run_of_4 / "checkpoints" / "latest").read_text() == "step-000006\n"
 
 
 def test_no_complete_checkpoint_to_fall_back_to_says_so(capsys, run_of_4):
