@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from fastbond.embedded import VERSION
+from test_train_cli import TINY as TWO_RANK_TINY
 from test_train_cli import _free_port, assert_same_run, losses, max_diff, one_process_train, weights
 
 pytest.importorskip("deepspeed")
@@ -46,19 +47,7 @@ NODES = 2
 REPO = Path(__file__).parents[2]
 AUDITED = str(Path(__file__).with_name("write_audit.py"))
 TIMEOUT_S = 900  # the first DeepSpeed run on a machine also compiles its CPU comm op
-TINY = [
-    "steps=3",
-    "rollout.batch_size=4",
-    "rollout.max_new_tokens=8",
-    "rollout.noise=keyed",
-    "algorithm.name=jbond",
-    "algorithm.eta=0.3",
-    "checkpoint.every=2",
-    "evaluation.at_end=false",
-    "logging.progress=false",
-    "cpu_threads=1",
-    "engine.zero_stage=3",
-]
+TINY = TWO_RANK_TINY + ["engine.zero_stage=3"]
 BUILT = f"embedded-{VERSION}-seed0"  # the embedded π_ref's directory in a cache
 # The files a rank other than 0 may write: its own shards of a checkpoint, in the checkpoint's
 # temporary directory (DeepSpeed's, the anchor's, its RNG and algorithm state), and the folders holding them.
