@@ -362,10 +362,15 @@ def _progress(run: Run, total: int):
 def train(config: TrainConfig) -> Path:
     """Run training as configured; returns the run directory."""
     run = setup_run(config)
+    completed = False
     try:
-        return _train(run)
+        run_dir = _train(run)
+        completed = True
+        return run_dir
     finally:
         run.ctx.sampler.close()
+        if completed:  # a failed run keeps its ranks' group: they may still wait for each other at exit
+            run.engine.close()
         if run.library is not None:
             run.library.close()
         if run.lock is not None:

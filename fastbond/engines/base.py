@@ -89,6 +89,9 @@ class Engine(ABC):
         rank that failed, or None. A collective (`fastbond.failures`); in one process, `failure`."""
         return failure
 
+    def close(self) -> None:
+        """After a run that completed, on every rank: release what the engine holds process-wide."""
+
     @property
     def saves_alone(self) -> bool:
         """Whether this process can write a checkpoint after a failure of its own: not when

@@ -132,13 +132,20 @@ def test_a_mistake_in_a_later_step_is_one_line_and_saves_the_last_completed_step
             calls += 1
             return sentiment(prompts, responses)[: 1 if calls == 3 else None]
         """))
+    from fastbond.engines.base import Engine
+
+    closed = []  # a completed run releases the engine (under DeepSpeed: leaves the process group); a failed one not
+    monkeypatch.setattr(Engine, "close", lambda engine: closed.append(engine))
     run_dir = tmp_path / "run"
     status = main(["train", *_base(tmp_path, "jbond"), f"run_dir={run_dir}", f"reward.name={name}:score"])
     err = capsys.readouterr().err
-    assert status == 2 and "Traceback" not in err
+    assert status == 2 and "Traceback" not in err and closed == []
     assert err.splitlines()[-1].startswith(f"fastbond train: error: reward function {name}:score returned shape (1,), "
                                            "expected (8,); saved the last completed step as")
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    assert main(["train", *_base(tmp_path, "jbond"), "steps=1", f"run_dir={tmp_path / 'done'}",
+                 "reward.name=fastbond.rewards:sentiment"]) == 0
+    assert len(closed) == 1
 
 
 # ---------------------------------------------------------------------------

@@ -160,6 +160,9 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
 
+    def close(self) -> None:
+        zero.leave_process_group()
+
     def first_failure(self, failure: Failure | None) -> Failure | None:
         """One all-reduce of a flag; only when some rank failed, every rank's failure text is gathered."""
         if self.all_true(failure is None):

@@ -107,6 +107,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_process_group() -> None:
+    """At the end of a completed run, on every rank: shut this rank's side of the process group down
+    while the interpreter is whole, rather than leaving its threads to the interpreter's exit (a rank
+    that exits first must not abort in a half-destroyed group). Local: no rank waits for another."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def leave_together() -> None:
     """At exit, after a failure every rank agreed on: wait for the other ranks (bounded by the process
     group's timeout, DEEPSPEED_TIMEOUT minutes)."""
