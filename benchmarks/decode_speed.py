@@ -56,10 +56,18 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def per_step_ms(draw, device: torch.device, short: int, long: int, repeats: int) -> float:
-    """(time of `long` new tokens − time of `short`) / (long − short), in ms: one decode step."""
-    return (_timed(lambda: draw(long), device, repeats) - _timed(lambda: draw(short), device, repeats)) \
-        / (long - short) * 1e3
+def per_step_ms(draw, device: torch.device, short: int, long: int, repeats: int, tries: int = 4) -> float:
+    """(time of `long` new tokens − time of `short`) / (long − short), in ms: one decode step.
+
+    A difference of two timings can come out at or below zero when noise (a busy CPU, a clock change) outweighs
+    the few steps between them; such a result is measured again with twice the repeats, a few times at most."""
+    for _ in range(tries):
+        ms = (_timed(lambda: draw(long), device, repeats) - _timed(lambda: draw(short), device, repeats)) \
+            / (long - short) * 1e3
+        if ms > 0:
+            break
+        repeats *= 2
+    return ms
 
 
 def kernel_profile(run, device: torch.device, steps: int, top: int = 15) -> list[dict]:

@@ -115,7 +115,7 @@ def parts(raw: Path, cuda: bool) -> list[Part]:
             command += ["-k", select]
         bench[suite] = Part(f"bench:{suite}", command, cap, estimate,
                             files={"json": raw / f"bench-{suite}.json", "junit": raw / f"bench-{suite}.xml"})
-    decode_args = [] if cuda else ["--tiny", "--batches", "4,8", "--short", "2", "--long", "6", "--prompt-tokens", "8"]
+    decode_args = [] if cuda else ["--tiny", "--batches", "4,8", "--short", "2", "--long", "10", "--prompt-tokens", "8"]
     decode = Part("decode", [py, str(BENCH / "decode_speed.py"), "--out", str(raw / "decode.json"), *decode_args],
                   DECODE_CAP_S, DECODE_ESTIMATE_S, floor_s=60 if cuda else 20, files={"json": raw / "decode.json"})
     step_args = [] if cuda else ["--tiny", "--prompts", "4", "--new-tokens", "8"]
