@@ -1,7 +1,8 @@
 """Deliberate bugs in the algorithms, the anchor, the objectives, LoRA, the static sampler, the fault handling,
-the prompt datasets, chat prompts, pairwise judges and the metrics logs, and the tests that catch them.
+the prompt datasets, chat prompts, pairwise judges, the metrics logs and runs over several processes, and the
+tests that catch them.
 
-    python tools/mutants.py            # every mutant (a few minutes on 2 cores)
+    python tools/mutants.py            # every mutant (the last three, on 2 ranks, took 11.5 min on 2 cores)
     python tools/mutants.py 3 7        # mutants 3 and 7
 
 Each mutant edits one line of the source, runs the algorithm and loss tests
@@ -25,6 +26,9 @@ DATA = ["tests/fastbond/test_prompt_datasets.py", "tests/fastbond/test_data.py"]
 LOGGING = ["tests/fastbond/test_logging.py"]
 CHAT = ["tests/fastbond/test_chat.py"]
 JUDGES = ["tests/fastbond/test_judges.py", "tests/fastbond/algorithms/test_jbond.py"]
+NODES = ["tests/distributed/test_two_nodes.py"]
+CACHE = ["tests/fastbond/embedded/test_embedded.py", "-k", "processes_sharing"]
+FAULTS = ["tests/distributed/test_faults.py", "-k", "reward_raising"]
 
 # (file, the exact text, its replacement, what the bug means[, the tests to run: TESTS by default])
 MUTANTS = [
@@ -161,6 +165,13 @@ MUTANTS = [
      "wandb logs kl_ref under another name", LOGGING),
     ("fastbond/metrics_log.py", 'purge_step=purge)', 'purge_step=None)',
      "a resumed run shows the steps after its checkpoint twice in TensorBoard", LOGGING),
+    # many processes (docs/deepspeed.md): each runs 2 CPU ranks
+    ("fastbond/train.py", "    if run.engine.main:\n        finish(run)", "    if True:\n        finish(run)",
+     "every rank writes the report into the run directory", NODES),
+    ("fastbond/embedded/reference.py", "        fcntl.flock(handle, fcntl.LOCK_EX)\n", "",
+     "the ranks of a node build the embedded model's cache at once", CACHE),
+    ("fastbond/train.py", "failure = engine.first_failure(hold.failure(engine.rank))",
+     "failure = hold.failure(engine.rank)", "a rank's failed rollout is not told to the others", FAULTS),
 ]
 
 
