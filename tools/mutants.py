@@ -165,7 +165,7 @@ MUTANTS = [
      "wandb logs kl_ref under another name", LOGGING),
     ("fastbond/metrics_log.py", 'purge_step=purge)', 'purge_step=None)',
      "a resumed run shows the steps after its checkpoint twice in TensorBoard", LOGGING),
-    # many processes (docs/deepspeed.md): each runs 2 CPU ranks
+    # many processes (docs/deepspeed.md): each runs 2 processes, ranks or a node's cache builders
     ("fastbond/train.py", "    if run.engine.main:\n        finish(run)", "    if True:\n        finish(run)",
      "every rank writes the report into the run directory", NODES),
     ("fastbond/embedded/reference.py", "        fcntl.flock(handle, fcntl.LOCK_EX)\n", "",
